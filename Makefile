@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  `make demo`  (set up + run the main job on embedded
+# defaults)  and  `make test`  (set up + run the tests).  Setup is idempotent.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE=1
+export NO_ALBUMENTATIONS_UPDATE=1
+export RAY_USAGE_STATS_ENABLED=0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip check
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf demo runs

@@ -1,0 +1,74 @@
+"""Crash-safe file writes: data goes to a temp name in the same folder, then `os.replace`.
+
+A reader (or a rerun after a kill) sees either the old file or the complete new one, never
+a half-written file; temp names start with `_tmp.` so folder readers skip them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def temp_name(path: Path) -> Path:
+    """A unique sibling of `path` that readers skip (leading `_`)."""
+    return path.with_name(f"_tmp.{uuid.uuid4().hex[:12]}.{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write; on success rename it onto `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if tmp.exists():
+            _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def remove_temps(folder: str | os.PathLike) -> int:
+    """Delete `_tmp.*` leftovers of a killed run in `folder` (recursively); returns how many."""
+    n = 0
+    for p in Path(folder).rglob("_tmp.*"):
+        if p.is_file():
+            p.unlink()
+            n += 1
+    return n
