@@ -1,0 +1,143 @@
+"""Image shards: webdataset tars as img2dataset writes them, read and written safely.
+
+A shard is `NNNNN.tar` whose members come in groups per sample, adjacent, named
+`<key>.<ext>`: one image (`.jpg`/`.jpeg`/`.png`/`.webp`), `.txt` (caption) and `.json`
+(metadata: original_width/height, sha256, LAION columns ...). img2dataset writes a
+`NNNNN.parquet` (one row per input URL, failures included) and `NNNNN_stats.json` beside it.
+
+Reading is defensive because shards come from the web and from killed jobs:
+  * a member whose name is absolute, contains `..`, or is not a regular file is refused
+    (recorded in the report, never extracted or followed);
+  * a tar that ends mid-member yields every complete sample before the damage and
+    records the shard as damaged, instead of raising halfway through a job.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Sample:
+    key: str  # webdataset key, e.g. "000000042" (shard id + index, as img2dataset makes it)
+    image: bytes | None = None
+    image_ext: str | None = None
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the .json member, parsed
+
+
+@dataclass
+class ReadReport:
+    """What happened while reading one shard."""
+
+    path: str
+    samples: int = 0
+    damaged: str | None = None  # why the shard could not be read to the end
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (member name, reason)
+    bad_members: list[tuple[str, str]] = field(default_factory=list)  # unparsable .json etc.
+
+
+def list_shards(folder: str | os.PathLike) -> list[Path]:
+    """The `*.tar` shards of a folder (or a single tar), sorted, skipping `_`-prefixed names."""
+    p = Path(folder)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such shard folder or file")
+    return sorted(x for x in p.glob("*.tar") if not x.name.startswith(("_", ".")))
+
+
+def _refusal(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if name.startswith("/") or PurePosixPath(name).is_absolute():
+        return "absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "path traversal (..)"
+    if not member.isfile():
+        return "not a regular file"
+    return None
+
+
+def _split(name: str) -> tuple[str, str]:
+    """`dir/000001.jpg` -> ("dir/000001", "jpg"); the key is up to the first dot of the basename."""
+    path = PurePosixPath(name)
+    stem, _, ext = path.name.partition(".")
+    key = str(path.parent / stem) if str(path.parent) != "." else stem
+    return key, ext.lower()
+
+
+def iter_shard(path: str | os.PathLike, report: ReadReport | None = None) -> Iterator[Sample]:
+    """Yield the samples of one tar in order; damage and refusals go to `report`."""
+    report = report if report is not None else ReadReport(str(path))
+    current: Sample | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                reason = _refusal(member)
+                if reason:
+                    report.refused.append((member.name, reason))
+                    continue
+                key, ext = _split(member.name)
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if current is not None and key != current.key:
+                    report.samples += 1
+                    yield current
+                    current = None
+                current = current or Sample(key)
+                _attach(current, ext, data, member.name, report)
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+        report.damaged = f"{type(exc).__name__}: {exc}"
+        # The last sample may be incomplete (its image member cut off): keep it only if whole.
+        if current is not None and current.image is None:
+            current = None
+    if current is not None:
+        report.samples += 1
+        yield current
+
+
+def zlib_error() -> type[BaseException]:
+    import zlib
+
+    return zlib.error
+
+
+def _attach(sample: Sample, ext: str, data: bytes, name: str, report: ReadReport) -> None:
+    if ext in IMAGE_EXTS:
+        sample.image, sample.image_ext = data, ext
+    elif ext == "txt":
+        sample.caption = data.decode("utf-8", errors="replace")
+    elif ext == "json":
+        try:
+            sample.meta = json.loads(data)
+        except ValueError as exc:
+            report.bad_members.append((name, f"invalid json: {exc}"))
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> int:
+    """Write samples as a webdataset tar (atomically); returns the sample count.
+
+    Members are `<key>.<image_ext>`, `<key>.txt`, `<key>.json`, as img2dataset writes them."""
+    from core import atomic
+
+    n = 0
+    with atomic.atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for s in samples:
+            members = []
+            if s.image is not None:
+                members.append((f"{s.key}.{s.image_ext or 'jpg'}", s.image))
+            if s.caption is not None:
+                members.append((f"{s.key}.txt", s.caption.encode()))
+            members.append((f"{s.key}.json", json.dumps(s.meta, default=str).encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
+    return n
