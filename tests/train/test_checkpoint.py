@@ -1,0 +1,43 @@
+import random
+
+import numpy as np
+import torch
+
+from train import checkpoint as ckpt
+
+
+def _save(run, step, keep=2, ema=None):
+    weights = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    state = {"optimizer": {"x": torch.zeros(1)}, "cursor": {"epoch": 1, "position": 4}, "rng": ckpt.rng_state()}
+    return ckpt.save(run, step, weights, state, {"model": {"hidden": 4}}, ema_weights=ema, keep=keep)
+
+
+def test_save_load_latest_and_prune(tmp_path):
+    assert ckpt.latest(tmp_path) is None
+    for step in (10, 20, 30):
+        _save(tmp_path, step, ema={"a": torch.zeros(2)} if step == 30 else None)
+    assert ckpt.all_steps(tmp_path) == [20, 30]
+    last = ckpt.latest(tmp_path)
+    assert last.name == "step_00000030" and ckpt.resolve(tmp_path) == last
+    assert torch.equal(ckpt.load_weights(last)["a"], torch.arange(6.0).view(2, 3))
+    assert torch.equal(ckpt.load_weights(last, ema=True)["a"], torch.zeros(2))
+    state = ckpt.load_state(last)
+    assert state["step"] == 30 and state["cursor"] == {"epoch": 1, "position": 4}
+    assert ckpt.load_meta(last)["model"] == {"hidden": 4}
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    _save(tmp_path, 5)
+    broken = ckpt.step_dir(tmp_path, 9)
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"")  # killed mid-write (no state.pt)
+    (tmp_path / "checkpoints" / "_tmp.abc.step_00000012").mkdir()
+    assert ckpt.latest(tmp_path).name == "step_00000005"
+
+
+def test_rng_state_roundtrip(tmp_path):
+    _save(tmp_path, 1)
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(ckpt.load_state(ckpt.latest(tmp_path))["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]

@@ -1,0 +1,167 @@
+"""Batches from memory-mapped code shards, with a cursor that makes resumption exact.
+
+Order: for epoch e, a permutation of all N rows seeded by (seed, e); rank r of W takes
+`perm[r::W]`, cut to N // W rows so every rank has the same count (and so the same number
+of steps). The cursor is (epoch, position in the rank's part); restoring it replays exactly
+the batches an uninterrupted run would have drawn, including the long-caption coin flips,
+which are seeded by (seed, epoch, rank, position) rather than by a running RNG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.codeshard import CodeDataset, CodeShardError, Manifest
+
+MICRO_COND_COLUMNS = ("orig_w", "orig_h", "crop_top", "crop_left")  # + the score, last
+TEXT_COLUMNS = ("caption", "long_caption")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # code-shard folder written by `pretokenize` (holds manifest.json)
+    long_caption_prob: float = 0.0  # probability of training on `long_caption` when a row has one
+    default_score: float = 6.0  # aesthetic micro-condition for rows whose score is null
+    verify_checksums: bool = False  # sha256 every shard against the manifest at start-up (slow)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.long_caption_prob <= 1:
+            raise ValueError(f"data.long_caption_prob must lie in [0, 1], got {self.long_caption_prob}")
+
+
+class DataMismatchError(CodeShardError):
+    """Code shards made for a different resolution or codebook than the stage trains."""
+
+
+def check_manifest(manifest: Manifest, folder: str, resolution: int | None, codebook_size: int | None) -> None:
+    """Refuse shards the stage cannot train on (None = accept any, as the debug stage does)."""
+    if resolution is not None and manifest.resolution != resolution:
+        raise DataMismatchError(
+            f"{folder}: code shards are {manifest.resolution} px, this stage trains at {resolution} px; "
+            f"pretokenize with --res {resolution} or pick the matching stage"
+        )
+    if codebook_size is not None and manifest.codebook_size != codebook_size:
+        raise DataMismatchError(
+            f"{folder}: codes come from a {manifest.codebook_size}-entry codebook, the model predicts "
+            f"{codebook_size}; pretokenize with the model's VQ tokenizer"
+        )
+
+
+@dataclass
+class Batch:
+    codes: torch.Tensor  # (B, h, w) long
+    captions: list[str]  # B prompts (caption or long_caption)
+    micro_conds: torch.Tensor  # (B, 5) float32: orig_w, orig_h, crop_top, crop_left, score
+    indices: np.ndarray  # (B,) global row ids (for debugging and tests)
+
+
+class CodeLoader:
+    """Endless per-rank batches of one code folder. `state_dict()` is the cursor."""
+
+    def __init__(
+        self,
+        dataset: CodeDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        long_caption_prob: float = 0.0,
+        default_score: float = 6.0,
+    ):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
+        self.long_caption_prob, self.default_score = long_caption_prob, default_score
+        self.grid = tuple(dataset.manifest.grid)
+        self.per_rank = len(dataset) // world
+        if self.per_rank < batch_size:
+            raise CodeShardError(
+                f"{dataset.folder}: {len(dataset)} rows over {world} ranks give {self.per_rank} per rank, "
+                f"fewer than one micro-batch of {batch_size}; lower the batch size or add data"
+            )
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.batch_size  # the ragged tail of each epoch is dropped
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's rows for `epoch`, in order: perm(seed, epoch)[rank::world][:per_rank]."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return perm[self.rank :: self.world][: self.per_rank]
+
+    def next_indices(self) -> tuple[np.ndarray, np.random.Generator]:
+        """Advance the cursor by one batch -> (global row ids, the batch's own RNG)."""
+        if self.position + self.batch_size > self.batches_per_epoch * self.batch_size:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order, self._order_epoch = self.epoch_order(self.epoch), self.epoch
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.position, 1])
+        idx = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx, rng
+
+    def next_batch(self) -> Batch:
+        idx, rng = self.next_indices()
+        h, w = self.grid
+        codes = torch.from_numpy(self.dataset.codes(idx).astype(np.int64)).view(len(idx), h, w)
+        cols = gather_columns(self.dataset, idx, TEXT_COLUMNS + MICRO_COND_COLUMNS + ("aesthetic",))
+        return Batch(
+            codes=codes,
+            captions=pick_captions(cols["caption"], cols["long_caption"], rng.random(len(idx)), self.long_caption_prob),
+            micro_conds=micro_conds(cols, self.default_score),
+            indices=idx,
+        )
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["seed"], state["world"]) != (self.seed, self.world):
+            raise ValueError(
+                f"data cursor was saved with seed {state['seed']} on {state['world']} ranks; this run has "
+                f"seed {self.seed} on {self.world} ranks, so the batch order would differ"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def gather_columns(dataset: CodeDataset, indices: np.ndarray, names: tuple[str, ...]) -> dict[str, list[Any]]:
+    """Values of `names` for global rows `indices`, in that order (one Arrow `take` per shard)."""
+    shard_of = np.searchsorted(dataset.offsets, indices, side="right") - 1
+    out: dict[str, list[Any]] = {name: [None] * len(indices) for name in names}
+    for s in np.unique(shard_of):
+        where = np.nonzero(shard_of == s)[0]
+        rows = indices[where] - dataset.offsets[s]
+        taken = dataset.shards[s].table.select(list(names)).take(rows)
+        for name in names:
+            for i, value in zip(where, taken.column(name).to_pylist()):
+                out[name][i] = value
+    return out
+
+
+def pick_captions(captions: list[str], long_captions: list[str | None], draws: np.ndarray, p: float) -> list[str]:
+    """Per sample: the long caption when one exists and its draw in [0, 1) is < p, else the caption."""
+    return [lc if lc and d < p else c or "" for c, lc, d in zip(captions, long_captions, draws)]
+
+
+def micro_conds(cols: dict[str, list[Any]], default_score: float) -> torch.Tensor:
+    """(B, 5) float32 [orig_w, orig_h, crop_top, crop_left, score]; a null score -> default."""
+    scores = [default_score if s is None else s for s in cols["aesthetic"]]
+    rows = [cols[name] for name in MICRO_COND_COLUMNS] + [scores]
+    return torch.tensor(np.array(rows, dtype=np.float32).T.copy())
+
+
+def open_dataset(cfg: DataConfig) -> CodeDataset:
+    if not cfg.path:
+        raise CodeShardError("no code shards given: pass --data PATH (a pretokenize output folder)")
+    if not Path(cfg.path).is_dir():
+        raise CodeShardError(f"{cfg.path}: not a folder; pass --data PATH (a pretokenize output folder)")
+    return CodeDataset(cfg.path, verify_checksums=cfg.verify_checksums)
