@@ -1,9 +1,142 @@
-import typer
+"""The `pretokenize` command: `pretokenize --res 512 --input SHARDS --output CODES` encodes;
+`pretokenize check ...` and `pretokenize fit-vq ...` are its sub-commands. Thin: parse the
+options, merge defaults < pipelines.yaml (section `pretokenize`) < flags, call one `run`."""
+from __future__ import annotations
 
-app = typer.Typer(help="Encode image shards into VQ code shards.", add_completion=False)
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from core import config as C
+from core import ledger
+from core.codeshard import CodeShardError
+from core.imageshard import list_shards
+from core.vq import VQError
+
+app = typer.Typer(
+    help="Encode image shards into VQ code shards (and check or fit the tokenizer).",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+SUBSECTIONS = ("check", "fit_vq")  # nested under `pretokenize:` in pipelines.yaml
+USER_ERRORS = (C.ConfigError, VQError, CodeShardError, FileNotFoundError)
+
+
+def yaml_section(config: Optional[Path], sub: str | None = None) -> dict[str, Any]:
+    """`pretokenize` (minus its sub-sections) or `pretokenize.<sub>` of pipelines.yaml."""
+    section = C.section(C.load_yaml(config), "pretokenize")
+    if sub is not None:
+        return C.section(section, sub)
+    return {k: v for k, v in section.items() if k not in SUBSECTIONS}
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(2)
 
 
 @app.callback(invoke_without_command=True)
-def main() -> None:
-    typer.echo("pretokenize is not built yet (see the pretokenize issue).")
-    raise typer.Exit(1)
+def main(
+    ctx: typer.Context,
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image shards: a folder of webdataset *.tar (img2dataset output) or one tar."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Code folder to write (NNNNN.arrow + manifest.json); a rerun resumes."),
+    res: Optional[int] = typer.Option(None, "--res", help="Square side in pixels (default 512); a multiple of the tokenizer's downsampling factor."),
+    vq: Optional[str] = typer.Option(None, "--vq", help="VQ tokenizer folder (config.json + diffusion_pytorch_model.safetensors)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder call (default 32)."),
+    crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random (seeded per sample, recorded)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed of random crops (default 0)."),
+    keep_list: Optional[str] = typer.Option(None, "--keep-list", help="Parquet with key, shard columns (curate near-dup's keep.parquet): encode only those."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Encoder precision: fp32 (the only one offered; see docs)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="ray (default: actors, local or cluster) or local (in-process)."),
+    num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Actors to start (default: one per GPU, else CPUs / cpus-per-actor)."),
+    cpus_per_actor: Optional[int] = typer.Option(None, "--cpus-per-actor", help="CPUs per actor (default auto)."),
+    decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Decode/resize threads per actor (default: the actor's CPUs)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster (default: a local Ray)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read (default ./pipelines.yaml, else the repo's)."),
+) -> None:
+    """Encode image shards into VQ code shards: `pretokenize --res 512 --input SHARDS --output CODES --vq VQDIR`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if input is None or output is None:
+        console.print(ctx.get_help())
+        console.print("[red]error:[/red] --input and --output are required to encode")
+        raise typer.Exit(2)
+    from pretokenize.run import PretokenizeConfig, PretokenizeError, run
+
+    flags = dict(res=res, vq=vq, batch_size=batch_size, crop=crop, seed=seed, keep_list=keep_list, dtype=dtype,
+                 executor=executor, num_actors=num_actors, cpus_per_actor=cpus_per_actor, decode_threads=decode_threads)
+    try:
+        cfg = C.merge(PretokenizeConfig, yaml_section(config), flags, where="pretokenize")
+        stats = run(cfg, input, output, ray_address)
+    except PretokenizeError as exc:
+        ledger.print_counts(_stats_or_empty(output), console)
+        raise fail(exc)
+    except USER_ERRORS as exc:
+        raise fail(exc)
+    ledger.print_counts(stats, console)
+    for name, why in stats.get("damaged_shards", {}).items():
+        console.print(f"[yellow]warning:[/yellow] shard {name} is damaged ({why}); its readable samples were kept")
+    console.print(f"wrote {stats['kept']:,} code rows ({stats['grid'][0]}x{stats['grid'][1]} tokens) to {output}")
+
+
+def _stats_or_empty(output: Path) -> dict[str, Any]:
+    import json
+
+    path = Path(output) / "_stats.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@app.command("check")
+def check_cmd(
+    input: Path = typer.Option(..., "--input", "-i", help="Code folder written by pretokenize."),
+    n: Optional[int] = typer.Option(None, "--n", help="Samples to decode and compare (default 16)."),
+    vq: Optional[str] = typer.Option(None, "--vq", help="VQ folder (default: the one recorded in the manifest; its hash must match)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write PNGs and check.json (default INPUT/_check)."),
+    usage_rows: Optional[int] = typer.Option(None, "--usage-rows", help="Rows sampled for codebook usage (default 10000)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read."),
+) -> None:
+    """Decode samples back to pixels: side-by-side PNGs (input | reconstruction), PSNR, codebook usage."""
+    from pretokenize.check import CheckConfig, run_check
+
+    try:
+        cfg = C.merge(CheckConfig, yaml_section(config, "check"), dict(n=n, vq=vq, usage_rows=usage_rows),
+                      where="pretokenize.check")
+        report = run_check(cfg, input, output)
+    except USER_ERRORS as exc:
+        raise fail(exc)
+    from pretokenize.check import print_report
+
+    print_report(report, console)
+
+
+@app.command("fit-vq")
+def fit_vq_cmd(
+    input: Path = typer.Option(..., "--input", "-i", help="Image shards to fit on (webdataset *.tar)."),
+    output: Path = typer.Option(..., "--output", "-o", help="VQ folder to write (loadable by pretokenize --vq)."),
+    codebook: Optional[int] = typer.Option(None, "--codebook", help="Codebook size (default 1024)."),
+    downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per token side, a power of 2 (default 8)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 300)."),
+    res: Optional[int] = typer.Option(None, "--res", help="Training crop side in pixels (default 64)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 16)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Channels of the first encoder block (default 32)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read."),
+) -> None:
+    """Fit a small VQModel (reconstruction + commitment loss, straight-through, k-means-style init)."""
+    from pretokenize.fitvq import FitVQConfig, fit_vq
+
+    flags = dict(codebook=codebook, downsample=downsample, steps=steps, res=res, batch_size=batch_size,
+                 width=width, seed=seed)
+    try:
+        cfg = C.merge(FitVQConfig, yaml_section(config, "fit_vq"), flags, where="pretokenize.fit_vq")
+        list_shards(input)
+        result = fit_vq(cfg, input, output)
+    except USER_ERRORS as exc:
+        raise fail(exc)
+    console.print(
+        f"saved VQ ({cfg.codebook} codes, f{cfg.downsample}) to {output}: recon MSE {result['recon_mse']:.4f}, "
+        f"PSNR {result['psnr']:.2f} dB, codes used {result['codes_used']}/{cfg.codebook}"
+    )

@@ -1,0 +1,176 @@
+"""Encode one image shard into one code shard: the per-shard task every executor runs.
+
+The data path overlaps with the encoder: a thread pool decodes, EXIF-transposes, resizes and
+crops the next `prefetch_batches * batch_size` images (PIL releases the GIL) while the current
+batch runs through the VQ encoder. Every sample of the tar ends in the ledger: `kept`,
+`filtered` (not_in_keep_list) or `failed` (undecodable image, no image member, refused member).
+Order of writes: code shard (atomic) -> ledger part (atomic) -> completion marker.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from core import codeshard, ledger
+from core.imageshard import ReadReport, Sample, iter_shard
+from core.rundir import RunDir
+from pretokenize import preprocess
+
+STEP = "pretokenize"
+SCORE_KEYS = {"aesthetic": ("aesthetic", "AESTHETIC_SCORE"), "pwatermark": ("pwatermark",), "punsafe": ("punsafe",)}
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What a worker needs to encode a shard (built by the driver from PretokenizeConfig)."""
+
+    res: int  # square output side in pixels
+    crop: str  # "center" | "random"
+    seed: int  # base seed of random crops (per-sample seed = preprocess.crop_seed)
+    batch_size: int  # images per encoder call
+    decode_threads: int  # threads decoding/resizing images
+    prefetch_batches: int  # batches decoded ahead of the encoder
+    autocast: str | None = None  # None = fp32; "bf16" = encoder under bf16 autocast
+
+
+def score(meta: dict[str, Any], names: tuple[str, ...]) -> float | None:
+    """First numeric value among `names` in the sample's .json (LAION spells aesthetic two ways)."""
+    for name in names:
+        value = meta.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            return float(value)
+    return None
+
+
+def original_size(meta: dict[str, Any], w: int, h: int) -> tuple[int, int]:
+    """Size before img2dataset resized the image (its original_width/height) when the aspect
+    ratio agrees with the stored image (a pure rescale), else the stored image's own size."""
+    ow, oh = meta.get("original_width"), meta.get("original_height")
+    if isinstance(ow, int) and isinstance(oh, int) and ow > 0 and oh > 0:
+        if abs(ow / oh - w / h) <= 0.01 * (w / h) + 1.0 / min(w, h):
+            return ow, oh
+    return w, h
+
+
+class ShardWriter:
+    """Accumulates encoded rows and ledger records of one shard."""
+
+    def __init__(self) -> None:
+        self.codes: list[np.ndarray] = []
+        self.cols: dict[str, list] = {k: [] for k in (
+            "key", "caption", "long_caption", "orig_w", "orig_h", "crop_top", "crop_left",
+            "aesthetic", "pwatermark", "punsafe")}
+        self.records: list[dict[str, Any]] = []
+
+    def keep(self, row: int, sample: Sample, prep: preprocess.Prepared) -> None:
+        meta = sample.meta or {}
+        ow, oh = original_size(meta, prep.orig_w, prep.orig_h)
+        long_caption = meta.get("long_caption")
+        values = {
+            "key": sample.key, "caption": sample.caption or "",
+            "long_caption": long_caption if isinstance(long_caption, str) else None,
+            "orig_w": ow, "orig_h": oh, "crop_top": prep.crop_top, "crop_left": prep.crop_left,
+            **{name: score(meta, keys) for name, keys in SCORE_KEYS.items()},
+        }
+        for name, value in values.items():
+            self.cols[name].append(value)
+        self.records.append({"row": row, "key": sample.key, "state": "kept"})
+
+    def drop(self, row: int, key: str, state: str, reason: str, value: str | None = None) -> None:
+        self.records.append({"row": row, "key": key, "state": state, "reason": reason, "value": value})
+
+
+def _prepare(sample: Sample, shard: str, s: EncodeSettings) -> preprocess.Prepared:
+    seed = preprocess.crop_seed(s.seed, shard, sample.key) if s.crop == "random" else 0
+    return preprocess.prepare(sample.image, s.res, s.crop, seed)  # type: ignore[arg-type]
+
+
+def prefetched(
+    samples: Iterator[Sample], pool: ThreadPoolExecutor, window: int, shard: str,
+    s: EncodeSettings, keep: frozenset[str] | None, writer: ShardWriter,
+) -> Iterator[tuple[int, Sample, Future]]:
+    """Yield (row, sample, future of its preprocessing) in tar order, keeping `window` images
+    in flight in the pool; samples that need no encoding go straight to the ledger."""
+    pending: deque[tuple[int, Sample, Future]] = deque()
+    for row, sample in enumerate(samples):
+        if sample.image is None:
+            writer.drop(row, sample.key, "failed", "no_image", "sample has no .jpg/.png/.webp member")
+        elif keep is not None and sample.key not in keep:
+            writer.drop(row, sample.key, "filtered", "not_in_keep_list")
+        else:
+            pending.append((row, sample, pool.submit(_prepare, sample, shard, s)))
+        while len(pending) > window:
+            yield pending.popleft()
+    yield from pending
+
+
+def encode_shard(
+    vq: Any, tar: str | Path, run: RunDir, s: EncodeSettings, keep: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """Encode `tar` into run.path/<stem>.arrow, write its ledger part and completion marker;
+    returns the marker's info. Idempotent: a shard already marked done is skipped."""
+    from core.vq import encode_codes
+
+    tar = Path(tar)
+    stem = tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.stem
+    if run.is_done(stem):
+        return run.done_info(stem)
+    started, report, writer = time.perf_counter(), ReadReport(str(tar)), ShardWriter()
+    batch: list[np.ndarray] = []
+    autocast = {"bf16": _bf16(), None: None}[s.autocast]
+
+    def flush() -> None:
+        if batch:
+            pixels = preprocess.to_unit_tensor(np.stack(batch))  # (B, 3, res, res) in [0, 1]
+            writer.codes.append(encode_codes(vq, pixels, autocast).cpu().numpy().reshape(len(batch), -1))
+            batch.clear()
+
+    with ThreadPoolExecutor(max(1, s.decode_threads), thread_name_prefix="decode") as pool:
+        window = max(s.batch_size, s.prefetch_batches * s.batch_size)
+        for row, sample, fut in prefetched(iter_shard(tar, report), pool, window, stem, s, keep, writer):
+            try:
+                prep = fut.result()
+            except Exception as exc:  # undecodable / truncated / bomb-sized image
+                writer.drop(row, sample.key, "failed", "undecodable_image", f"{type(exc).__name__}: {exc}")
+                continue
+            writer.keep(row, sample, prep)
+            batch.append(prep.pixels)
+            if len(batch) >= s.batch_size:
+                flush()
+        flush()
+    return _finish(run, tar, stem, writer, report, time.perf_counter() - started)
+
+
+def _bf16():
+    import torch
+
+    return torch.bfloat16
+
+
+def _finish(run: RunDir, tar: Path, stem: str, writer: ShardWriter, report: ReadReport,
+            seconds: float) -> dict[str, Any]:
+    """Write the code shard, the ledger part and the marker (in that order)."""
+    for j, (name, reason) in enumerate(report.refused):
+        writer.drop(report.samples + j, name, "failed", "refused_member", reason)
+    shard_info = None
+    if writer.codes:
+        codes = np.concatenate(writer.codes)  # (N, h*w)
+        table = codeshard.make_table(codes, writer.cols)
+        shard_info = asdict(codeshard.write_shard(run.path / f"{stem}{codeshard.SHARD_SUFFIX}", table))
+    ledger.write(run.path, stem, ledger.rows(STEP, tar.name, writer.records))
+    kept = sum(r["state"] == "kept" for r in writer.records)
+    info = {
+        "source": str(tar), "shard": shard_info, "rows_in": len(writer.records), "kept": kept,
+        "damaged": report.damaged, "refused": len(report.refused),
+        "bad_members": [list(b) for b in report.bad_members],
+        "seconds": round(seconds, 3), "images_per_s": round(kept / seconds, 2) if seconds > 0 else None,
+    }
+    run.mark_done(stem, info)
+    return info
