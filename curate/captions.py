@@ -1,0 +1,153 @@
+"""`curate captions`: left-join a long-caption table (ShareGPT4V, PixelProse, Recap-DataComp
+style) onto the metadata as `long_caption`.
+
+1. One Ray task resolves the caption table once: text normalised (Unicode NFC, every run of
+   whitespace -> one space, trimmed), captions with fewer than `min_words` words dropped,
+   and keys with several candidates resolved deterministically: the longest caption wins,
+   then the lexicographically smallest. Written to OUT/_work/captions.parquet.
+2. One Ray task per input file left-joins it, keeping the file's row order. Every input row
+   is `kept` (rows in = rows out); unmatched rows keep the `long_caption` they had (or null).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from curate import metadata_exec as mx
+from curate import metadata_io as mio
+from curate.steps import Step
+
+_WS = " \t\n\r\x0b\x0c"
+# join_on -> (metadata column, SQL normalising a key expression `{}` the same way on both sides).
+JOINS: dict[str, tuple[str, str]] = {
+    "url": ("URL", f"trim({{}}, {mio.sql_str(_WS)})"),
+    "hash": ("hash", "TRY_CAST({} AS BIGINT)::VARCHAR"),
+    "sha256": ("sha256", "lower(trim({}))"),
+    "key": ("key", "trim({}::VARCHAR)"),
+}
+# Caption columns looked for when `caption_column` is empty (ShareGPT4V/Recap/PixelProse names).
+CAPTION_NAMES = ("long_caption", "caption", "re_caption", "vlm_caption", "text")
+
+
+@dataclass
+class CaptionsConfig:
+    captions: str = ""  # the caption table: a parquet file, folder or glob (required)
+    join_on: str = "url"  # url | hash | sha256 | key: the metadata column to match
+    captions_key: str = ""  # the caption table's key column; "" = the same name as join_on
+    caption_column: str = ""  # the caption table's text column; "" = first of CAPTION_NAMES present
+    min_words: int = 50  # captions with fewer words (after normalisation) are not used
+    threads: int = 1  # duckdb threads and Ray CPUs per task
+    memory: str = "1GB"  # duckdb memory limit per task
+
+    def __post_init__(self) -> None:
+        if not self.captions:
+            raise ValueError("captions: the path of the caption table is required (--captions)")
+        if self.join_on not in JOINS:
+            raise ValueError(f"join_on must be one of {', '.join(JOINS)}, got {self.join_on!r}")
+        if self.min_words < 0 or self.threads < 1:
+            raise ValueError("min_words must be >= 0 and threads >= 1")
+
+
+def normalise(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """(normalised text, word count): Unicode NFC, split on any Unicode whitespace, re-joined
+    with single spaces (so trimmed). Splitting once gives the word count for free and is ~2x
+    faster than a regex replace on 2 cores."""
+    trimmed = pc.utf8_trim_whitespace(pc.utf8_normalize(texts, "NFC"))
+    words = pc.utf8_split_whitespace(trimmed)  # runs of whitespace count once inside the text
+    count = pc.if_else(pc.equal(trimmed, ""), 0, pc.list_value_length(words))
+    return pc.binary_join(words, " "), count.cast(pa.int64())
+
+
+def caption_columns(cfg: CaptionsConfig, f: mio.InputFile) -> tuple[str, str]:
+    """(key column, caption column) of a caption file; MetadataError naming what is missing."""
+    key = cfg.captions_key or cfg.join_on
+    text = cfg.caption_column or next((n for n in CAPTION_NAMES if f.column(n)), CAPTION_NAMES[0])
+    mio.require(f, [key, text])
+    return f.column(key), f.column(text)
+
+
+def candidates(cfg: CaptionsConfig, f: mio.InputFile) -> pa.Table:
+    """One caption file as (_k, c, w): normalised key, normalised caption, word count."""
+    key, text = caption_columns(cfg, f)
+    try:
+        t = pq.read_table(f.path, columns=[key, text])
+    except (pa.ArrowException, OSError) as exc:
+        raise mio.MetadataError(f"{f.path}: unreadable parquet file ({exc})") from exc
+    caption, words = normalise(t[text].cast(pa.string()))
+    return pa.table({"_key": t[key], "c": caption, "w": words})
+
+
+def _resolve(cfg: CaptionsConfig, caps: list[mio.InputFile], work: Path) -> dict[str, Any]:
+    """Task 1: the caption table, normalised, filtered, one caption per key."""
+    con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
+    con.execute("CREATE TEMP TABLE cand (_k VARCHAR, c VARCHAR, w BIGINT)")
+    norm_key = JOINS[cfg.join_on][1].format("_key")
+    for f in caps:  # one file at a time: memory stays at one file's captions
+        con.register("part", candidates(cfg, f))
+        con.execute(f"INSERT INTO cand SELECT {norm_key}, c, w FROM part WHERE _key IS NOT NULL AND c IS NOT NULL")
+        con.unregister("part")
+    mx.copy_to(con, f"SELECT _k, c AS long_caption FROM cand WHERE w >= {cfg.min_words} AND _k IS NOT NULL "
+               "QUALIFY row_number() OVER (PARTITION BY _k ORDER BY length(c) DESC, c ASC) = 1", work / "captions.parquet")
+    total, short, keys, multi = con.execute(
+        f"SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM cand WHERE w < {cfg.min_words}), "
+        f"count(*), count(*) FILTER (WHERE n > 1) FROM (SELECT _k, count(DISTINCT c) AS n FROM cand "
+        f"WHERE w >= {cfg.min_words} AND _k IS NOT NULL GROUP BY _k)").fetchone()
+    con.close()
+    return {"caption_rows": int(total), "too_short": int(short), "keys": int(keys), "one_to_many_keys": int(multi)}
+
+
+def _join_file(f: mio.InputFile, idx: int, cfg: CaptionsConfig, columns: list[tuple[str, str]],
+               work: Path, out: Path) -> dict[str, Any]:
+    """Task 2: left join one metadata file, row order kept; ledger: every row kept."""
+    con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
+    src = mio.scan(f)
+    have = mio.relation_columns(con, src)
+    base = [(c, t) for c, t in columns if c.lower() != "long_caption"]
+    old = "s.long_caption" if "long_caption" in have else "NULL::VARCHAR"
+    key = JOINS[cfg.join_on][1].format("s." + mio.ident(f.column(JOINS[cfg.join_on][0])))
+    con.execute(f"CREATE TEMP VIEW s AS SELECT * FROM {src}")
+    joined = (f"SELECT {mio.project_sql(have, base)}, coalesce(c.long_caption, {old}) AS long_caption, "
+              f"c.long_caption IS NOT NULL AS _matched, s.file_row_number AS _row FROM s "
+              f"LEFT JOIN read_parquet({mio.sql_str(str(work / 'captions.parquet'))}) c ON c._k = {key}")
+    con.execute(f"CREATE TEMP TABLE j AS {joined}")
+    cols = ", ".join(mio.ident(c) for c, _ in base + [("long_caption", "VARCHAR")])
+    mx.copy_to(con, f"SELECT {cols} FROM j ORDER BY _row", out / f"part-{idx:05d}.parquet")
+    rowkey = "hash" if f.column("hash") else (f.column("URL") or "_row")
+    select = mx.ledger_select("captions", mio.sql_str(f.path), "_row", mio.ident(rowkey), "'kept'")
+    mx.write_ledger(con, f"SELECT {select} FROM j", out, f"part-{idx:05d}")
+    matched = con.execute("SELECT count(*) FILTER (WHERE _matched) FROM j").fetchone()[0]
+    con.close()
+    return {"rows": f.rows, "matched": int(matched)}
+
+
+def run(cfg: CaptionsConfig, inp: str, out: str) -> dict[str, Any]:
+    """Merge long captions into every parquet file of `inp`, written to `out`; returns the stats."""
+    files = mio.load_inputs(inp, [JOINS[cfg.join_on][0]])
+    caps = mio.load_inputs(cfg.captions)
+    for f in caps:
+        caption_columns(cfg, f)  # validate every caption file before writing anything
+    columns = mio.unified_columns(files, mio.connect())
+    out_path = Path(out)
+    rd = mx.open_run(out_path, "captions", cfg, files, captions=mio.fingerprint(caps))
+    mx.clean_temp_dirs(out_path / "_work")
+    work = out_path / "_work"
+    (table,) = mx.run_tasks(rd, [("captions-table", _resolve, (cfg, caps, work))], "captions: resolve table", cfg.threads)
+    tasks = [(f"part-{i:05d}", _join_file, (f, i, cfg, columns, work, out_path)) for i, f in enumerate(files)]
+    infos = mx.run_tasks(rd, tasks, "captions: join", cfg.threads)
+    matched, rows = sum(i["matched"] for i in infos), sum(f.rows for f in files)
+    rate = matched / rows if rows else 0.0
+    Console().print(f"captions: {matched:,} of {rows:,} rows matched a long caption ({100 * rate:.1f}%), "
+                    f"{table['one_to_many_keys']:,} keys had several candidate captions (longest kept)")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # the resolved table is consumed; markers stay
+    return mx.finish(out_path, "captions", files, matched=matched, match_rate=round(rate, 6), **table)
+
+
+STEP = Step("captions", CaptionsConfig, run)
