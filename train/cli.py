@@ -1,9 +1,114 @@
+"""`train`: run a training stage, sample from a checkpoint, plan GPU-days.
+
+    train run debug --data codes/ --run-dir runs/debug
+    torchrun --nproc-per-node 8 -m train.cli run stage1 --data codes256/
+    train sample --checkpoint runs/stage1 --prompt "a red fox" --out fox.png
+    train plan stage1 --gpus 64 --gpu h100 --mfu 0.4
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(help="Train the Meissonic transformer on code shards.", add_completion=False)
+from core.codeshard import CodeShardError
+from core.config import ConfigError, deep_merge, parse_sets
+
+app = typer.Typer(help="Train the Meissonic transformer on code shards.", add_completion=False,
+                  no_args_is_help=True)
+console = Console()
 
 
-@app.callback(invoke_without_command=True)
-def main() -> None:
-    typer.echo("train is not built yet (see the train issue).")
-    raise typer.Exit(1)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: print one line, exit 2 (no traceback)."""
+    from core.vq import VQError
+    from train.checkpoint import CheckpointError
+
+    return (ConfigError, CodeShardError, CheckpointError, VQError, FileNotFoundError)
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command("run")
+def run_cmd(
+    stage: str = typer.Argument(..., help="Stage name in pipelines.yaml train.stages: debug, stage1, stage2, stage3."),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read (default: ./pipelines.yaml, else the repo's)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/STAGE); an existing one is resumed."),
+    data: Optional[str] = typer.Option(None, "--data", help="Code-shard folder (pretokenize output); sets data.path."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps of the stage."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch (all GPUs, per optimizer step)."),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Per-GPU micro-batch; accumulation fills the global batch."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key: --set optim.lr=3e-4 --set ema.enabled=true."),
+) -> None:
+    """Train STAGE, resuming from the latest checkpoint in its run folder."""
+    from train.stages import load_stage
+    from train.trainer import run
+
+    flags: dict[str, Any] = {"data": {"path": data}, "steps": steps, "batch_size": batch_size,
+                             "micro_batch_size": micro_batch_size}
+    try:
+        cfg = load_stage(stage, config, deep_merge(flags, parse_sets(sets)))
+        summary = run(cfg, stage, run_dir or Path("runs") / stage)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}")
+
+
+@app.command("sample")
+def sample_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder, or a run folder (its latest checkpoint)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="A prompt; repeat for several (one grid row each)."),
+    out: Path = typer.Option(..., "--out", help="Output PNG grid."),
+    steps: int = typer.Option(48, "--steps", help="MaskGIT decoding steps."),
+    cfg: float = typer.Option(9.0, "--cfg", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Sampling noise seed."),
+    n: int = typer.Option(4, "--n", help="Images per prompt."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (default: the empty prompt)."),
+    vq: Optional[str] = typer.Option(None, "--vq", help="VQ folder (default: the tokenizer recorded with the training data)."),
+    decode: str = typer.Option("vq", "--decode", help="vq: decode to pixels; codes: false-colour code maps (no VQ needed)."),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of the checkpoint."),
+) -> None:
+    """Generate images for prompts from a trained checkpoint and save them as one grid."""
+    from train.sampler import sample_to_file
+
+    if decode not in ("vq", "codes") or steps < 1 or n < 1:
+        _fail(ConfigError("--decode must be vq or codes; --steps and --n must be >= 1"))
+    try:
+        path = sample_to_file(checkpoint, prompt, out, steps=steps, cfg=cfg, seed=seed, n=n,
+                              negative_prompt=negative_prompt, vq_path=vq, decode=decode, ema=ema)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"wrote {path}")
+
+
+@app.command("plan")
+def plan_cmd(
+    stage: str = typer.Argument(..., help="Stage name (stage1, stage2, stage3)."),
+    gpus: int = typer.Option(..., "--gpus", help="Number of GPUs."),
+    gpu: str = typer.Option("h100", "--gpu", help="h100, h200 or a100."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Model-FLOPs utilisation, measured (bench/gpu_train.py) or assumed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read."),
+) -> None:
+    """Estimate GPU-days of a stage from its FLOPs per token, beside the paper's 48 H100-days."""
+    from train.stages import load_stage, plan_stage
+
+    try:
+        result = plan_stage(load_stage(stage, config), gpus, gpu, mfu)
+    except (ConfigError, ValueError) as exc:
+        _fail(exc)
+    table = Table(title=f"plan: {stage} on {gpus} x {gpu.upper()} at {mfu:.0%} MFU")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from core.codeshard import Manifest, TokenizerInfo, make_table, write_manifest, write_shard
@@ -17,9 +18,11 @@ def write_code_folder(
     resolution: int = 64,
     seed: int = 0,
     long_every: int = 2,
+    uniform_micro: bool = False,
 ) -> Path:
     """A pretokenize-style folder: shards of random codes, captions 'a photo number i',
-    long captions on every `long_every`-th row, null aesthetic on every third row."""
+    long captions on every `long_every`-th row, null aesthetic on every third row.
+    uniform_micro: every row gets the sampler's micro-conditions (resolution, resolution, 0, 0, 6.0)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     shards, start = [], 0
@@ -34,6 +37,10 @@ def write_code_folder(
             "crop_top": [i % 3 for i in ids], "crop_left": [i % 5 for i in ids],
             "aesthetic": [None if i % 3 == 0 else 5.0 + i / 100 for i in ids],
         })
+        if uniform_micro:
+            for name, value in (("orig_w", resolution), ("orig_h", resolution), ("crop_top", 0), ("crop_left", 0)):
+                table = table.set_column(table.schema.get_field_index(name), name, pa.array([value] * n, pa.int32()))
+            table = table.set_column(table.schema.get_field_index("aesthetic"), "aesthetic", pa.array([6.0] * n, pa.float32()))
         shards.append(write_shard(folder / f"{s:05d}.arrow", table))
         start += n
     tok = TokenizerInfo(sha256="0" * 64, path=str(folder / "no-vq"), codebook_size=codebook, downsample=16)
@@ -44,3 +51,9 @@ def write_code_folder(
 @pytest.fixture
 def code_folder(tmp_path: Path) -> Path:
     return write_code_folder(tmp_path / "codes")
+
+
+@pytest.fixture
+def make_code_folder():
+    """The `write_code_folder` function, for tests that need several or custom folders."""
+    return write_code_folder

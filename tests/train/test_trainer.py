@@ -1,0 +1,139 @@
+"""The loop end to end on tiny code shards: exact resume after SIGKILL, proof of learning,
+stage-to-stage initialisation (adding the compression layers), refusal of mismatched shards."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import REPO_PIPELINES
+from train import checkpoint
+from train.data import DataMismatchError
+from train.distributed import accum_steps, micro_batch
+from train.metrics import read_records
+from train.sampler import generate
+from train.stages import load_stage
+from train.trainer import run
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["threads=1", "deterministic=true", "tensorboard=false", "sample.every=0"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+def _sets(items: list[str]) -> dict:
+    from core.config import parse_sets
+
+    return parse_sets(items)
+
+
+def _cli(data: Path, run_dir: Path, steps: int, sets: list[str]) -> list[str]:
+    args = [sys.executable, "-m", "train.cli", "run", "debug", "--config", str(REPO_PIPELINES),
+            "--data", str(data), "--run-dir", str(run_dir), "--steps", str(steps)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, make_code_folder):
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(12, 9))
+    sets = FAST + ["log_every=1", "ckpt_every=5", "keep_last=2", "data.long_caption_prob=0.5"]
+    steps = 60
+    # Killed run: SIGKILL as soon as the step-10 checkpoint exists (well before step 60).
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(_cli(data, killed, steps, sets), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while checkpoint.latest(killed) is None or checkpoint.all_steps(killed)[-1] < 10:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = checkpoint.all_steps(killed)[-1]
+    assert at_kill < steps, "the run finished before it could be killed"
+    # Resume to the end in a fresh process.
+    done = subprocess.run(_cli(data, killed, steps, sets), cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from" in done.stdout
+    # Uninterrupted reference run (in-process, same config).
+    ref = tmp_path / "ref"
+    cfg = load_stage("debug", REPO_PIPELINES, _sets(sets + [f"steps={steps}", f"data.path={data}"]))
+    run(cfg, "debug", ref)
+
+    losses = lambda d: [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_records(d)]  # noqa: E731
+    assert [s for s, *_ in losses(ref)] == list(range(1, steps + 1))
+    assert losses(killed) == losses(ref)  # exactly equal, not approximately
+    got = checkpoint.load_weights(checkpoint.latest(killed))
+    want = checkpoint.load_weights(checkpoint.latest(ref))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert checkpoint.load_state(checkpoint.latest(killed))["cursor"] == checkpoint.load_state(checkpoint.latest(ref))["cursor"]
+    assert (killed / "loss.png").is_file()
+
+
+def test_debug_model_overfits_and_sampler_reproduces(tmp_path, make_code_folder):
+    """Proof of learning: 4 code grids, 4 captions -> loss ~0, then MaskGIT regenerates each grid."""
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(4,), grid=(4, 4), codebook=16, seed=5,
+                            uniform_micro=True)
+    # No caption dropout: every target is then determined by its caption, so loss -> 0 is reachable.
+    sets = FAST + ["log_every=25", "ckpt_every=250", "cfg_dropout=0.0", "optim.lr=3.0e-3",
+                   "optim.warmup_steps=20", "batch_size=4", f"data.path={data}", "steps=250"]
+    cfg = load_stage("debug", REPO_PIPELINES, _sets(sets))
+    run(cfg, "debug", tmp_path / "run")
+    records = read_records(tmp_path / "run")
+    assert records[0]["loss"] > 2.0 and records[-1]["loss"] < 0.05, [r["loss"] for r in records]
+
+    from train.sampler import load_for_sampling
+    from core.codeshard import CodeDataset
+
+    model, text, meta = load_for_sampling(tmp_path / "run")
+    ds = CodeDataset(data)
+    prompts = [ds.row(i)["caption"] for i in range(4)]
+    codes = generate(model, text, prompts, tuple(meta["grid"]), meta["resolution"], steps=8, cfg=1.0, seed=1)
+    want = torch.from_numpy(ds.codes(range(4)).astype("int64")).view(4, 4, 4)
+    assert torch.equal(codes, want)
+
+
+def test_stage_init_adds_compression_layers(tmp_path, make_code_folder):
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(8,))
+    base = FAST + [f"data.path={data}", "log_every=1", "ckpt_every=2", "steps=2"]
+    run(load_stage("debug", REPO_PIPELINES, _sets(base)), "debug", tmp_path / "s2")
+    prev = checkpoint.load_weights(checkpoint.latest(tmp_path / "s2"))
+    cfg3 = load_stage("debug", REPO_PIPELINES, _sets(base + ["downsample=true", f"init_from={tmp_path / 's2'}",
+                                                            "optim.lr=1.0e-12", "optim.warmup_steps=0", "steps=1",
+                                                            "ckpt_every=1", "optim.weight_decay=0"]))
+    run(cfg3, "debug", tmp_path / "s3")
+    new = checkpoint.load_weights(checkpoint.latest(tmp_path / "s3"))
+    added = sorted(k for k in new if k not in prev)
+    assert added and all(k.startswith(("down_block.", "up_block.")) for k in added)
+    # Everything else started from stage 2's weights (lr ~0: one step leaves them in place).
+    assert all(torch.allclose(new[k], prev[k], atol=1e-6) for k in prev)
+
+
+def test_mismatched_shards_are_refused(tmp_path, make_code_folder):
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(8,), resolution=64)
+    cfg = load_stage("debug", REPO_PIPELINES, _sets(FAST + [f"data.path={data}", "resolution=256"]))
+    with pytest.raises(DataMismatchError, match="64 px, this stage trains at 256 px"):
+        run(cfg, "debug", tmp_path / "run")
+
+
+def test_accumulation_arithmetic():
+    assert accum_steps(2048, 8, 64) == 4 and accum_steps(256, 32, 8) == 1
+    assert micro_batch(512, 8, None) == 64 and micro_batch(512, 8, 16) == 16
+    with pytest.raises(ValueError, match="not a multiple"):
+        accum_steps(2048, 3, 64)

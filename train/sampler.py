@@ -1,0 +1,171 @@
+"""MaskGIT decoding with classifier-free guidance, and sample grids.
+
+Start fully masked; at step i of S: predict every position, sample a code for each masked one,
+score it by its log-probability plus Gumbel noise of temperature T_i = T0 * (1 - (i+1)/S)
+(annealed from T0 = 2 to 0), keep the most confident and re-mask the rest so that
+floor(L * cos(pi/2 * (i+1)/S)) positions stay masked (the training schedule, `mask_rate`).
+The model's condition input is `masking.cond_value` of the fraction still masked: the same
+function the trainer uses.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core import atomic
+from train.masking import cond_value, mask_rate
+
+DEFAULT_SCORE = 6.0  # aesthetic micro-condition at inference (Meissonic's default)
+
+
+def remask_count(num_tokens: int, step: int, steps: int, masked_now: torch.Tensor) -> torch.Tensor:
+    """How many positions stay masked after step `step` (0-based): floor(L * cos(pi/2 (i+1)/S)),
+    at most masked_now - 1 (each step reveals >= 1 token), 0 after the last step. (B,) long."""
+    if step == steps - 1:
+        return torch.zeros_like(masked_now)
+    target = math.floor(num_tokens * mask_rate((step + 1) / steps))
+    return torch.clamp(torch.full_like(masked_now, target), max=masked_now - 1).clamp(min=0)
+
+
+def gumbel_temperature(step: int, steps: int, start: float = 2.0) -> float:
+    """Confidence-noise temperature, annealed linearly from `start` to 0 over the steps."""
+    return start * (1 - (step + 1) / steps)
+
+
+def choose_remask(confidence: torch.Tensor, keep_masked: torch.Tensor, temperature: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """confidence (B, L) (+inf where already known), keep_masked (B,) -> (B, L) bool: the
+    keep_masked[b] lowest of confidence + temperature * Gumbel noise."""
+    u = torch.rand(confidence.shape, generator=generator, device=confidence.device).clamp(1e-20, 1 - 1e-7)
+    noisy = confidence + temperature * -torch.log(-torch.log(u))
+    ranks = noisy.argsort(dim=1).argsort(dim=1)
+    return ranks < keep_masked[:, None]
+
+
+def guided_logits(model, codes, hidden, pooled, neg_hidden, neg_pooled, micro, timestep, scale: float):
+    """uncond + scale * (cond - uncond), one batched forward for both branches. (B, L, K) fp32."""
+    if scale == 1.0:
+        return model(codes, hidden, pooled, micro, timestep).float()
+    both = model(
+        torch.cat([codes, codes]), torch.cat([hidden, neg_hidden]), torch.cat([pooled, neg_pooled]),
+        torch.cat([micro, micro]), torch.cat([timestep, timestep]),
+    ).float()
+    cond, uncond = both.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def maskgit(model, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch.Tensor,
+            neg_pooled: torch.Tensor, micro_conds: torch.Tensor, grid: tuple[int, int], steps: int = 48,
+            cfg: float = 9.0, seed: int = 0, temperature: float = 2.0) -> torch.Tensor:
+    """Generate (B, h, w) codes. hidden (B, T, D), pooled (B, P); negatives broadcast from (1, ...)."""
+    mcfg = model.cfg
+    b, (h, w), device = hidden.shape[0], grid, hidden.device
+    length, mask_id = h * w, mcfg.mask_token_id
+    gen = torch.Generator(device=device).manual_seed(seed)
+    neg_hidden, neg_pooled = neg_hidden.expand(b, -1, -1), neg_pooled.expand(b, -1)
+    codes = torch.full((b, length), mask_id, dtype=torch.long, device=device)
+    for i in range(steps):
+        masked = codes == mask_id  # (B, L)
+        timestep = cond_value(masked.float().mean(1))
+        logits = guided_logits(model, codes.view(b, h, w), hidden, pooled, neg_hidden, neg_pooled,
+                               micro_conds, timestep, cfg)  # (B, L, K)
+        logp = torch.log_softmax(logits, dim=-1)
+        drawn = torch.multinomial(logp.exp().view(-1, logp.shape[-1]), 1, generator=gen).view(b, length)
+        drawn = torch.where(masked, drawn, codes)
+        confidence = torch.where(masked, logp.gather(-1, drawn[..., None])[..., 0], torch.inf)
+        keep = remask_count(length, i, steps, masked.sum(1))
+        remask = choose_remask(confidence, keep, gumbel_temperature(i, steps, temperature), gen)
+        codes = torch.where(remask, torch.full_like(drawn, mask_id), drawn)
+    return codes.view(b, h, w)
+
+
+def sample_micro_conds(n: int, resolution: int, score: float = DEFAULT_SCORE) -> torch.Tensor:
+    """(n, 5) [orig_w, orig_h, crop_top, crop_left, score] for an uncropped square image."""
+    return torch.tensor([[resolution, resolution, 0, 0, score]], dtype=torch.float32).repeat(n, 1)
+
+
+@torch.no_grad()
+def generate(model, text_encoder, prompts: list[str], grid: tuple[int, int], resolution: int,
+             steps: int = 48, cfg: float = 9.0, negative_prompt: str = "", seed: int = 0) -> torch.Tensor:
+    """Prompts -> (N, h, w) codes; the negative prompt "" means the empty-prompt encoding."""
+    device = next(model.parameters()).device
+    hidden, pooled = text_encoder.encode(prompts)
+    neg = text_encoder.empty() if not negative_prompt else text_encoder.encode([negative_prompt])
+    micro = sample_micro_conds(len(prompts), resolution).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        return maskgit(model, hidden.to(device), pooled.to(device), neg[0].to(device), neg[1].to(device),
+                       micro, grid, steps=steps, cfg=cfg, seed=seed)
+
+
+def codes_to_colors(codes: torch.Tensor, codebook_size: int, scale: int = 8) -> torch.Tensor:
+    """False-colour view of (B, h, w) codes -> (B, 3, h*scale, w*scale) in [0, 1]: each code id
+    gets a fixed random colour (for runs without a VQ decoder, e.g. the debug stage)."""
+    palette = torch.rand(codebook_size, 3, generator=torch.Generator().manual_seed(0))
+    img = palette[codes.cpu().clamp(0, codebook_size - 1)].permute(0, 3, 1, 2)  # (B, 3, h, w)
+    return img.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+
+
+def decode_vq(vq, codes: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) codes -> (B, 3, H, W) pixels in [0, 1] with the VQ decoder (core.vq)."""
+    from core.vq import decode_codes
+
+    return decode_codes(vq, codes)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """(N, 3, H, W) floats in [0, 1] -> one PNG, near-square grid, written atomically."""
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * h, nrow * w, 3), dtype=np.uint8)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]
+    path = Path(path)
+    with atomic.atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return path
+
+
+def load_for_sampling(ckpt: str | Path, ema: bool = False, device: str | torch.device = "cpu"):
+    """(model, text encoder, meta) rebuilt from a checkpoint folder (or a run folder's latest)."""
+    import dataclasses
+
+    from train import checkpoint
+    from train.model import ModelConfig, build_model
+    from train.text_encoder import TextEncoder
+
+    folder = checkpoint.resolve(ckpt)
+    meta = checkpoint.load_meta(folder)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items() if k in fields}
+    model = build_model(ModelConfig(**model_args))
+    model.load_state_dict(checkpoint.load_weights(folder, ema=ema), strict=True)
+    text = meta["text"]
+    encoder = TextEncoder.tiny(text["tiny_seed"]) if text["tiny"] else TextEncoder.from_checkpoint(text["checkpoint"])
+    return model.to(device).eval(), encoder.to(device), dict(meta, checkpoint=str(folder))
+
+
+def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps: int = 48, cfg: float = 9.0,
+                   seed: int = 0, n: int = 4, negative_prompt: str = "", vq_path: str | None = None,
+                   decode: str = "vq", ema: bool = False, device: str | None = None) -> Path:
+    """`train sample`: n images per prompt from a checkpoint, decoded and saved as one grid PNG."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, encoder, meta = load_for_sampling(ckpt, ema=ema, device=device)
+    vq = None
+    if decode == "vq":  # load first: a missing VQ should fail before minutes of sampling
+        from core.vq import load_vq
+
+        vq = load_vq(vq_path or meta["vq"], device=device)
+    batch = [p for p in prompts for _ in range(n)]
+    codes = generate(model, encoder, batch, tuple(meta["grid"]), meta["resolution"], steps=steps, cfg=cfg,
+                     negative_prompt=negative_prompt, seed=seed)
+    images = decode_vq(vq, codes) if vq is not None else codes_to_colors(codes, model.cfg.codebook_size)
+    return save_grid(images, out, nrow=n)
