@@ -23,10 +23,9 @@ from curate import metadata_exec as mx
 from curate import metadata_io as mio
 from curate.steps import Step
 
-_WS = " \t\n\r\x0b\x0c"
 # join_on -> (metadata column, SQL normalising a key expression `{}` the same way on both sides).
 JOINS: dict[str, tuple[str, str]] = {
-    "url": ("URL", f"trim({{}}, {mio.sql_str(_WS)})"),
+    "url": ("URL", mio.trim_sql("{}")),
     "hash": ("hash", "TRY_CAST({} AS BIGINT)::VARCHAR"),
     "sha256": ("sha256", "lower(trim({}))"),
     "key": ("key", "trim({}::VARCHAR)"),

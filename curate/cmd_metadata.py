@@ -88,7 +88,7 @@ def dedup(
     output: str = OutputOpt,
     key: Optional[str] = typer.Option(None, "--key", help="url (trimmed) | url_text | hash [default: url]"),
     buckets: Optional[int] = typer.Option(None, "--buckets", help="hash partitions; 0 = rows / rows-per-bucket [default: 0]"),
-    rows_per_bucket: Optional[int] = typer.Option(None, "--rows-per-bucket", help="rows per partition when --buckets is 0 [default: 1000000]"),
+    rows_per_bucket: Optional[int] = typer.Option(None, "--rows-per-bucket", help="rows per partition when --buckets is 0 [default: 500000]"),
     threads: Optional[int] = ThreadsOpt,
     memory: Optional[str] = MemoryOpt,
     config_path: Optional[Path] = ConfigOpt,

@@ -25,12 +25,10 @@ from curate import metadata_exec as mx
 from curate import metadata_io as mio
 from curate.steps import Step
 
-# Key kind -> SQL of the normalised key over a file's relation (URL/TEXT resolved by name).
-# Whitespace around URLs (spaces, tabs, newlines) is an artefact of scraping, not identity.
-_WS = " \t\n\r\x0b\x0c"
+# Key kind -> SQL of the normalised key (duckdb resolves URL/TEXT case-insensitively).
 KEYS: dict[str, str] = {
-    "url": f"trim(URL, {mio.sql_str(_WS)})",
-    "url_text": f"trim(URL, {mio.sql_str(_WS)}) || chr(31) || TEXT",
+    "url": mio.trim_sql("URL"),
+    "url_text": mio.trim_sql("URL") + " || chr(31) || TEXT",
     "hash": "hash::VARCHAR",
 }
 
@@ -39,7 +37,7 @@ KEYS: dict[str, str] = {
 class DedupConfig:
     key: str = "url"  # what makes rows duplicates: url (trimmed) | url_text | hash
     buckets: int = 0  # hash partitions of phase 2; 0 = ceil(input rows / rows_per_bucket)
-    rows_per_bucket: int = 1_000_000  # sizes buckets when `buckets` is 0 (~1 GB of duckdb memory per task)
+    rows_per_bucket: int = 500_000  # sizes buckets when `buckets` is 0 (a bucket is sorted in one task)
     threads: int = 1  # duckdb threads and Ray CPUs per task
     memory: str = "1GB"  # duckdb memory limit per task (beyond it duckdb spills to OUT/_work)
 

@@ -180,12 +180,21 @@ def connect(threads: int = 1, memory: str = "1GB", temp_dir: str | None = None) 
     return con
 
 
+# Whitespace around URLs (spaces, tabs, newlines) is a scraping artefact, not identity.
+URL_WHITESPACE = " \t\n\r\x0b\x0c"
+
+
+def trim_sql(expr: str) -> str:
+    """`expr` without surrounding URL_WHITESPACE (duckdb's plain trim removes spaces only)."""
+    return f"trim({expr}, {sql_str(URL_WHITESPACE)})"
+
+
 def invalid_reason_sql(f: InputFile) -> str:
     """SQL for the `failed` reason of rows no step can use (null/blank URL or null TEXT)."""
     url, text = ident(f.column("URL") or "URL"), ident(f.column("TEXT") or "TEXT")
     return (
         f"CASE WHEN {url} IS NULL THEN 'null URL' "
-        f"WHEN trim({url}) = '' THEN 'empty URL' "
+        f"WHEN {trim_sql(url)} = '' THEN 'empty URL' "
         f"WHEN {text} IS NULL THEN 'null TEXT' END"
     )
 
