@@ -1,0 +1,69 @@
+"""`curate near-dup` and `curate score` through the CLI: wiring, precedence, user errors."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from curate.cli import app
+from image_shards_fixture import neardup_shards, score_shard
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return neardup_shards(tmp_path_factory.mktemp("cli") / "shards")
+
+
+def test_help_documents_the_options() -> None:
+    for command, option in (("near-dup", "--distance"), ("score", "--aesthetic-model")):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and option in result.output
+
+
+def test_near_dup_flags_override_yaml(shards, tmp_path, ray_local) -> None:
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(yaml.safe_dump({"curate": {"near_dup": {"distance": 0, "placeholder_hosts": 3}}}))
+    out = tmp_path / "nd"
+    result = runner.invoke(app, ["near-dup", "-i", str(shards), "-o", str(out), "--distance", "4",
+                                 "--write-shards", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "_config.yaml").read_text())["config"]
+    assert (resolved["distance"], resolved["placeholder_hosts"], resolved["write_shards"]) == (4, 3, True)
+    assert "near-dup: 13 rows in" in result.output and "2 duplicate groups" in result.output
+    assert pq.read_table(out / "keep.parquet").num_rows == 4
+    assert (out / "00000.tar").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["near-dup", "-i", "/nonexistent/shards", "-o", "OUT"], "no such shard folder"),
+    (["near-dup", "-i", "SHARDS", "-o", "OUT", "--distance", "99"], "distance must be in 0..16"),
+    (["score", "-i", "SHARDS", "-o", "OUT"], "nothing to score"),
+    (["score", "-i", "SHARDS", "-o", "OUT", "--aesthetic-model", "a.pth"], "also give clip_model"),
+    (["score", "-i", "SHARDS", "-o", "OUT", "--watermark-model", "/m/watermark_model_v1.pt"],
+     "watermark checkpoint not found: /m/watermark_model_v1.pt"),
+])
+def test_user_errors_are_one_line_exit_2(args, message, shards, tmp_path) -> None:
+    args = [str(shards) if a == "SHARDS" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_unknown_yaml_key_is_named(shards, tmp_path) -> None:
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(yaml.safe_dump({"curate": {"near_dup": {"distanse": 3}}}))
+    result = runner.invoke(app, ["near-dup", "-i", str(shards), "-o", str(tmp_path / "o"), "-c", str(cfg)])
+    assert result.exit_code == 2 and "unknown key 'distanse'" in result.output
+
+
+def test_score_nsfw_end_to_end(tmp_path, ray_local) -> None:
+    shard = score_shard(tmp_path / "shards", names=("astronaut", "coffee"))
+    out = tmp_path / "scored"
+    result = runner.invoke(app, ["score", "-i", str(shard.parent), "-o", str(out), "--nsfw", "--actors", "1"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out / "00000.parquet")
+    assert table.num_rows == 2 and all(0 <= p < 0.2 for p in table["punsafe"].to_pylist())
+    assert "score: 3 rows in" in result.output
