@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--res", type=int, nargs="+", default=[256, 512],
                    help="image resolutions in px (f16 VQ: grid = res/16; 1024 adds the 2x2 compression)")
     p.add_argument("--batch-size", type=int, default=None, help="per-step batch (default: by resolution)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per resolution")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per resolution (default 10)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first: compilation, allocator (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
@@ -50,8 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="spec bf16 peak of the device, for MFU on devices not in train/flops.py")
     args = p.parse_args(argv)
-    if args.small:
-        args.preset, args.res, args.batch_size, args.steps, args.warmup = "debug", [256], 8, 3, 1
+    small = args.small  # --small picks the debug preset at 256 px; explicit options still win
+    if small:
+        args.preset, args.res = "debug", [256]
+    args.batch_size = args.batch_size or (8 if small else None)
+    args.steps = args.steps if args.steps is not None else (3 if small else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     return args
 
 
@@ -113,6 +118,23 @@ def matmul_tflops(device: torch.device, n: int, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def time_steps(args: argparse.Namespace, model, opt, cfg: ModelConfig, grid: tuple[int, int], b: int,
+               device: torch.device) -> list[float]:
+    """Warm-up then timed train steps at batch b; returns the timed steps' seconds."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch, codes, masked = random_batch(cfg, b, grid, device, gen)
+    for _ in range(args.warmup):
+        train_step(model, opt, batch, codes, masked, device)
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        train_step(model, opt, batch, codes, masked, device)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def bench_resolution(args: argparse.Namespace, device: torch.device, res: int, peak: float | None) -> dict:
     base = MODELS[args.preset]
     cfg = dataclasses.replace(base, downsample=res >= 1024) if args.preset != "debug" else base
@@ -124,17 +146,17 @@ def bench_resolution(args: argparse.Namespace, device: torch.device, res: int, p
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **fused)
     step_model = torch.compile(model) if args.compile else model
-    gen = torch.Generator(device=device).manual_seed(0)
-    batch, codes, masked = random_batch(cfg, b, grid, device, gen)
-    for _ in range(args.warmup):
-        train_step(step_model, opt, batch, codes, masked, device)
-    times = []
-    for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        train_step(step_model, opt, batch, codes, masked, device)
-        sync(device)
-        times.append(time.perf_counter() - start)
+    while True:  # halve the batch on out-of-memory rather than losing the whole run
+        try:
+            times = time_steps(args, step_model, opt, cfg, grid, b, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if b == 1:
+                raise
+            print(f"  out of memory at batch {b}; retrying with {b // 2}")
+            b //= 2
     step = statistics.median(times)
     tokens_s = b * grid[0] * grid[1] / step
     tflops = flops_per_token(cfg, grid) * tokens_s / 1e12
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args)
     if device is None:
         print("SKIPPED: no CUDA GPU visible. Run bench/gpu_train.py on a GPU machine, or test the "
-              "script on CPU with --preset debug --steps 3.")
+              "script on CPU with --small.")
         return 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
