@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from core.codeshard import CodeDataset, CodeShardError, Manifest
@@ -112,7 +112,8 @@ class CodeLoader:
         cols = gather_columns(self.dataset, idx, TEXT_COLUMNS + MICRO_COND_COLUMNS + ("aesthetic",))
         return Batch(
             codes=codes,
-            captions=pick_captions(cols["caption"], cols["long_caption"], rng.random(len(idx)), self.long_caption_prob),
+            captions=pick_captions(cols.column("caption").to_pylist(), cols.column("long_caption").to_pylist(),
+                                   rng.random(len(idx)), self.long_caption_prob),
             micro_conds=micro_conds(cols, self.default_score),
             indices=idx,
         )
@@ -133,18 +134,17 @@ class CodeLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def gather_columns(dataset: CodeDataset, indices: np.ndarray, names: tuple[str, ...]) -> dict[str, list[Any]]:
-    """Values of `names` for global rows `indices`, in that order (one Arrow `take` per shard)."""
+def gather_columns(dataset: CodeDataset, indices: np.ndarray, names: tuple[str, ...]) -> pa.Table:
+    """Columns `names` of global rows `indices`, in that order: one Arrow `take` per shard,
+    then one `take` that restores the batch order (no per-row Python)."""
     shard_of = np.searchsorted(dataset.offsets, indices, side="right") - 1
-    out: dict[str, list[Any]] = {name: [None] * len(indices) for name in names}
+    pieces, positions = [], []
     for s in np.unique(shard_of):
         where = np.nonzero(shard_of == s)[0]
-        rows = indices[where] - dataset.offsets[s]
-        taken = dataset.shards[s].table.select(list(names)).take(rows)
-        for name in names:
-            for i, value in zip(where, taken.column(name).to_pylist()):
-                out[name][i] = value
-    return out
+        pieces.append(dataset.shards[s].table.select(list(names)).take(indices[where] - dataset.offsets[s]))
+        positions.append(where)
+    combined = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+    return combined.take(np.argsort(np.concatenate(positions)))
 
 
 def pick_captions(captions: list[str], long_captions: list[str | None], draws: np.ndarray, p: float) -> list[str]:
@@ -152,11 +152,14 @@ def pick_captions(captions: list[str], long_captions: list[str | None], draws: n
     return [lc if lc and d < p else c or "" for c, lc, d in zip(captions, long_captions, draws)]
 
 
-def micro_conds(cols: dict[str, list[Any]], default_score: float) -> torch.Tensor:
+def micro_conds(cols: pa.Table, default_score: float) -> torch.Tensor:
     """(B, 5) float32 [orig_w, orig_h, crop_top, crop_left, score]; a null score -> default."""
-    scores = [default_score if s is None else s for s in cols["aesthetic"]]
-    rows = [cols[name] for name in MICRO_COND_COLUMNS] + [scores]
-    return torch.tensor(np.array(rows, dtype=np.float32).T.copy())
+    out = np.empty((cols.num_rows, 5), dtype=np.float32)
+    for j, name in enumerate(MICRO_COND_COLUMNS + ("aesthetic",)):
+        out[:, j] = cols.column(name).to_numpy(zero_copy_only=False)  # nulls -> NaN
+    score = out[:, 4]
+    score[np.isnan(score)] = default_score
+    return torch.from_numpy(out)
 
 
 def open_dataset(cfg: DataConfig) -> CodeDataset:
