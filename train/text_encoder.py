@@ -23,7 +23,12 @@ TINY_NAME = "tessera-tiny-text"
 TINY_CONFIG = {"embed_dim": 64,
                "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3}}
-CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # looked for in a folder
+# Looked for in a folder: open_clip's names, then Hugging Face's (e.g. Meissonic's text_encoder/).
+CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+                    "model.safetensors", "pytorch_model.bin")
+# Hugging Face CLIPTextModel(WithProjection) names -> open_clip TextTransformer names, per layer.
+HF_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn.out_proj": "attn.out_proj"}
 
 
 def register_tiny_config() -> str:
@@ -47,12 +52,34 @@ def build_text_tower(model_name: str) -> nn.Module:
     return _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
 
 
+def hf_to_open_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face CLIP text checkpoint (``text_model.*``, ``text_projection.weight``) to
+    open_clip's TextTransformer names: q/k/v stack into ``in_proj``, the projection is transposed."""
+    out = {"token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+           "ln_final.bias": hf["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in hf:
+        out["text_projection"] = hf["text_projection.weight"].t().contiguous()  # (P, D) -> (D, P)
+    layers = {int(k.split(".")[3]) for k in hf if k.startswith("text_model.encoder.layers.")}
+    for i in sorted(layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([hf[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for hf_name, oc_name in HF_LAYER_NAMES.items():
+                out[f"{dst}{oc_name}.{kind}"] = hf[f"{src}{hf_name}.{kind}"]
+    return out
+
+
 def text_state_dict(full: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
     """The text-tower tensors of a whole-CLIP checkpoint, named as in a bare TextTransformer.
 
     Plain CLIP checkpoints keep the text tower at the top level (``token_embedding.weight``,
-    ``transformer.*``, ...), CustomTextCLIP ones under ``text.``; the visual tower is dropped.
+    ``transformer.*``, ...), CustomTextCLIP ones under ``text.``; Hugging Face ones under
+    ``text_model.`` (renamed by ``hf_to_open_clip``); the visual tower is dropped.
     """
+    if "text_model.embeddings.token_embedding.weight" in full:
+        full = hf_to_open_clip(full)
     if any(k.startswith("text.") for k in full):
         full = {k[len("text."):]: v for k, v in full.items() if k.startswith("text.")}
     picked = {k: v for k, v in full.items() if k in wanted}
@@ -90,7 +117,8 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_name: str = "ViT-H-14",
                         device: torch.device | str = "cpu") -> "TextEncoder":
-        """Load the text tower of a local open_clip checkpoint (.bin/.pt/.safetensors, or a folder)."""
+        """Load the text tower of a local checkpoint (.bin/.pt/.safetensors, or a folder): open_clip's
+        whole-CLIP format, or Hugging Face's CLIPTextModel(WithProjection) of the same architecture."""
         tower = build_text_tower(model_name)
         state = text_state_dict(load_state_dict(str(resolve_checkpoint(path))), set(tower.state_dict()))
         tower.load_state_dict(state, strict=True)

@@ -99,3 +99,33 @@ def test_encode_is_frozen_prompt_dependent_and_empty_is_cached():
     assert enc.empty()[0] is empty_hidden
     with pytest.raises(ValueError, match="list of prompts"):
         enc.encode("a bare string")
+
+
+def to_hf_names(tower_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write an open_clip text tower under Hugging Face CLIPTextModelWithProjection's names."""
+    hf = {"text_model.embeddings.token_embedding.weight": tower_state["token_embedding.weight"],
+          "text_model.embeddings.position_embedding.weight": tower_state["positional_embedding"],
+          "text_model.final_layer_norm.weight": tower_state["ln_final.weight"],
+          "text_model.final_layer_norm.bias": tower_state["ln_final.bias"],
+          "text_projection.weight": tower_state["text_projection"].t().contiguous()}
+    renames = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+               "attn.out_proj": "self_attn.out_proj"}
+    layers = {int(k.split(".")[2]) for k in tower_state if k.startswith("transformer.resblocks.")}
+    for i in layers:
+        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            for (name, part) in zip("qkv", tower_state[f"{src}attn.in_proj_{kind}"].chunk(3)):
+                hf[f"{dst}self_attn.{name}_proj.{kind}"] = part.contiguous()
+            for oc, hf_name in renames.items():
+                hf[f"{dst}{hf_name}.{kind}"] = tower_state[f"{src}{oc}.{kind}"]
+    return hf
+
+
+def test_from_checkpoint_reads_hugging_face_text_encoder_folders(tmp_path):
+    tiny = TextEncoder.tiny(seed=5)
+    hf = to_hf_names({k: v for k, v in tiny.tower.state_dict().items() if k != "attn_mask"})
+    save_file(hf, str(tmp_path / "model.safetensors"))  # the layout of Meissonic's text_encoder/ folder
+    loaded = TextEncoder.from_checkpoint(tmp_path, model_name=register_tiny_config())
+    prompts = ["a lighthouse at dusk", ""]
+    for ours, ref in zip(loaded.encode(prompts), tiny.encode(prompts)):
+        assert torch.equal(ours, ref)
