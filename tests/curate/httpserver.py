@@ -1,0 +1,216 @@
+"""A loopback HTTP image server for download tests and benchmarks, and the hostile images.
+
+`ImageServer` is a threaded `http.server` on 127.0.0.1 with an ephemeral port. Routes map a
+path to a `Route`: fixed bytes with a content type, an HTTP error, a stall, a slow trickle,
+a reset connection, or a flaky route that fails its first N hits. `gen/<i>.<ext>` paths serve
+generated images for benchmarks. Every hit and User-Agent is recorded for assertions.
+"""
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    content_type: str = "image/jpeg"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    stall: float = 0.0  # seconds to sleep before answering
+    trickle: float = 0.0  # seconds between single body bytes (no Content-Length)
+    reset: bool = False  # close the connection without an answer
+    fail_first: int = 0  # answer `fail_status` to the first N hits, then normally
+    fail_status: int = 503
+    chunked: bool = False  # send the body without Content-Length
+
+
+class ImageServer:
+    def __init__(self, gen_images: list[bytes] | None = None):
+        self.routes: dict[str, Route] = {}
+        self.gen_images = gen_images or []
+        self.hits: Counter[str] = Counter()
+        self.user_agents: list[str] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd.daemon_threads = True  # a stalled handler never blocks shutdown
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ImageServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def add(self, path: str, route: Route) -> str:
+        self.routes[path.lstrip("/")] = route
+        return self.url(path)
+
+    def record(self, path: str, ua: str) -> int:
+        with self._lock:
+            self.hits[path] += 1
+            self.user_agents.append(ua)
+            return self.hits[path]
+
+    def sleep(self, seconds: float) -> None:
+        self.stopping.wait(seconds)
+
+
+def _handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.lstrip("/")
+            hit = server.record(path, self.headers.get("User-Agent", ""))
+            route = server.routes.get(path) or _generated(server, path)
+            if route is None:
+                return self.send_error(404, "Not Found")
+            _serve(self, server, route, hit)
+
+    return Handler
+
+
+def _generated(server: ImageServer, path: str) -> Route | None:
+    if not path.startswith("gen/") or not server.gen_images:
+        return None
+    i = int(path[4:].split(".")[0])
+    return Route(server.gen_images[i % len(server.gen_images)])
+
+
+def _serve(h: BaseHTTPRequestHandler, server: ImageServer, route: Route, hit: int) -> None:
+    if route.reset:
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        h.close_connection = True
+        return
+    if route.stall:
+        server.sleep(route.stall)
+    if hit <= route.fail_first:
+        return h.send_error(route.fail_status)
+    if route.status != 200:
+        return h.send_error(route.status)
+    h.send_response(200)
+    h.send_header("Content-Type", route.content_type)
+    for k, v in route.headers.items():
+        h.send_header(k, v)
+    if not (route.trickle or route.chunked):
+        h.send_header("Content-Length", str(len(route.body)))
+    h.end_headers()
+    try:
+        if route.trickle:
+            for b in route.body:
+                if server.stopping.is_set():
+                    return
+                h.wfile.write(bytes([b]))
+                h.wfile.flush()
+                server.sleep(route.trickle)
+        else:
+            h.wfile.write(route.body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client gave up, as it should
+
+
+def closed_port_url() -> str:
+    """A URL on a port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/nothing.jpg"
+
+
+# ---------------------------------------------------------------- images, good and hostile
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def photo(w: int = 96, h: int = 64, seed: int = 0) -> Image.Image:
+    """A smooth random RGB picture (compresses like a photo, distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+def jpeg(w: int = 96, h: int = 64, seed: int = 0) -> bytes:
+    return _save(photo(w, h, seed), "JPEG", quality=90)
+
+
+def truncated_jpeg() -> bytes:
+    data = jpeg(128, 96, seed=1)
+    return data[: len(data) // 3]
+
+
+def cmyk_jpeg() -> bytes:
+    return _save(photo(80, 60, seed=2).convert("CMYK"), "JPEG")
+
+
+def png16() -> bytes:
+    """16-bit greyscale PNG with a full-range ramp (OpenCV alone saturates it to white)."""
+    ramp = np.linspace(0, 65535, 64 * 96).reshape(64, 96).astype(np.uint16)
+    return _save(Image.fromarray(ramp), "PNG")
+
+
+def palette_png_transparent() -> bytes:
+    return _save(photo(70, 50, seed=3).convert("P"), "PNG", transparency=0)
+
+
+def animated_gif() -> bytes:
+    frames = [photo(60, 40, seed=s).convert("P") for s in (4, 5, 6)]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 120x60 (landscape) with EXIF orientation 6: displays as 60x120 (portrait)."""
+    im = photo(120, 60, seed=7)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    return _save(im, "JPEG", exif=exif)
+
+
+def thin_png(w: int = 1, h: int = 20000) -> bytes:
+    return _save(Image.new("L", (w, h), 128), "PNG")
+
+
+def png_bomb(w: int = 30000, h: int = 30000) -> bytes:
+    """A valid 1-bit greyscale PNG of w x h zeros, written row by row (never held in memory):
+    ~100 KB on the wire, w*h pixels (900 M by default) once decoded."""
+    row = b"\x00" + b"\x00" * ((w + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    block = 256  # rows per compress call: ~1 MB at a time
+    parts = [comp.compress(row * min(block, h - y)) for y in range(0, h, block)]
+    idat = b"".join(parts) + comp.flush()
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+HTML_PAGE = b"<!doctype html><html><head><title>Image not found</title></head><body>gone</body></html>"
