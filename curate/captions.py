@@ -141,7 +141,7 @@ def run(cfg: CaptionsConfig, inp: str, out: str) -> dict[str, Any]:
     infos = mx.run_tasks(rd, tasks, "captions: join", cfg.threads)
     matched, rows = sum(i["matched"] for i in infos), sum(f.rows for f in files)
     rate = matched / rows if rows else 0.0
-    Console().print(f"captions: {matched:,} of {rows:,} rows matched a long caption ({100 * rate:.1f}%), "
+    Console(soft_wrap=True).print(f"captions: {matched:,} of {rows:,} rows matched a long caption ({100 * rate:.1f}%), "
                     f"{table['one_to_many_keys']:,} keys had several candidate captions (longest kept)")
     import shutil
 

@@ -147,7 +147,7 @@ def run(cfg: FilterConfig, inp: str, out: str) -> dict[str, Any]:
     warnings = range_warnings(cfg, observed_ranges(files, cfg.active()))
     console = Console(stderr=True)
     for w in warnings:
-        console.print(f"[yellow]warning: {w}[/yellow]")
+        console.print(f"[yellow]warning: {w}[/yellow]", soft_wrap=True, highlight=False)
     columns = mio.unified_columns(files, mio.connect())
     out_path = Path(out)
     rd = mx.open_run(out_path, "filter", cfg, files)

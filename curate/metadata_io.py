@@ -174,7 +174,9 @@ def connect(threads: int = 1, memory: str = "1GB", temp_dir: str | None = None) 
     con = duckdb.connect()
     con.execute(f"SET threads={int(threads)}")
     con.execute(f"SET memory_limit={sql_str(memory)}")
-    con.execute("SET preserve_insertion_order=false")
+    # duckdb 2.0.1 folds isnan(col) to false from parquet min/max statistics, which exclude
+    # NaN (pyarrow's writer): NaN scores would pass filters and win dedup. Keep it off.
+    con.execute("SET disabled_optimizers = 'statistics_propagation'")
     if temp_dir:
         con.execute(f"SET temp_directory={sql_str(temp_dir)}")
     return con

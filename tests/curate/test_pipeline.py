@@ -1,0 +1,83 @@
+"""curate run: planning (validation before work), generic step lookup, chaining, summary."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+from rich.console import Console
+
+from core.config import ConfigError
+from curate import pipeline, steps, synth
+from curate.steps import Step
+from metadata_data import read_out
+
+
+def _doc(tmp_path, steps_list, **curate):
+    return {"curate": curate, "pipelines": {"p": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "steps": steps_list}}}
+
+
+@pytest.fixture
+def data(tmp_path):
+    synth.run(synth.SynthConfig(rows=3000, files=3, seed=5), tmp_path / "in", tmp_path / "caps.parquet")
+    return tmp_path
+
+
+def test_plan_merges_defaults_yaml_and_entry_overrides(tmp_path):
+    doc = _doc(tmp_path, ["dedup", {"step": "filter", "aesthetic": 6.0}, "filter"], filter={"aesthetic": 5.0, "watermark": 0.3})
+    _, planned = pipeline.plan(doc, "p")
+    assert [p.out.name for p in planned] == ["dedup", "filter", "filter-2"]
+    assert (planned[1].cfg.aesthetic, planned[1].cfg.watermark) == (6.0, 0.3)  # entry > yaml section
+    assert (planned[2].cfg.aesthetic, planned[2].cfg.watermark) == (5.0, 0.3)  # yaml > code default
+
+
+@pytest.mark.parametrize("steps_list,match", [
+    (["dedupe"], r"steps\[0\]: unknown curate step 'dedupe'"),
+    ([{"step": "filter", "aesthetics": 5}], r"steps\[0\]: unknown key 'aesthetics' \(allowed: aesthetic, "),
+    ([{"name": "filter"}], "a step is a name or a mapping with a `step` key"),
+    ([], "at least one entry"),
+])
+def test_plan_errors(tmp_path, steps_list, match):
+    with pytest.raises(ConfigError, match=match):
+        pipeline.plan(_doc(tmp_path, steps_list), "p")
+
+
+def test_unknown_pipeline_lists_defined(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown pipeline 'q' \(defined: p\)"):
+        pipeline.plan(_doc(tmp_path, ["dedup"]), "q")
+
+
+@dataclass
+class CountConfig:
+    suffix: str = "x"  # a test step's only setting
+
+
+def _count_run(cfg, inp, out):
+    from pathlib import Path
+    Path(out).mkdir(parents=True, exist_ok=True)
+    n = len(read_out(Path(inp)))
+    stats = {"step": "count", "rows_in": n, "kept": n, "filtered": 0, "duplicate": 0, "failed": 0, "suffix": cfg.suffix}
+    (Path(out) / "_stats.json").write_text(json.dumps(stats))
+    return stats
+
+
+def test_run_chains_steps_and_knows_nothing_about_them(ray_local, data, monkeypatch):
+    module = types.ModuleType("tessera_test_count_step")
+    module.STEP = Step("count", CountConfig, _count_run)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(steps.STEP_MODULES, "count", module.__name__)
+    doc = _doc(data, ["dedup", "filter", {"step": "captions", "captions": str(data / "caps.parquet")}, {"step": "count", "suffix": "y"}])
+    console = Console(record=True, width=200)
+    results = pipeline.run(doc, "p", console)
+    assert [r["step"] for r in results] == ["dedup", "filter", "captions", "count"]
+    for prev, nxt in zip(results, results[1:]):
+        assert nxt["rows_in"] == prev["kept"]  # each step reads the previous one's output
+    assert results[-1]["suffix"] == "y"
+    summary = json.loads((data / "out" / "_summary.json").read_text())
+    assert [s["output"] for s in summary["steps"]] == [str(data / "out" / n) for n in ("dedup", "filter", "captions", "count")]
+    text = console.export_text()
+    assert "pipeline p" in text and f"{results[0]['rows_in']:,}" in text
+    again = pipeline.run(doc, "p", Console(record=True))  # a rerun: every task is done
+    assert [r["kept"] for r in again] == [r["kept"] for r in results]
