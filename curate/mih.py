@@ -31,6 +31,7 @@ import numpy as np
 U64 = np.uint64
 HASH_BITS = 64
 MAX_RUN = 2048  # runs of equal keys longer than this are split by recursion, not paired
+MAX_CANDIDATES = 4_000_000  # candidate pairs generated at once (~200 MB of index arrays)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -158,9 +159,12 @@ def _table_pairs(h: np.ndarray, d: int, key_mask: int, width: int, max_run: int)
     order = np.argsort(keys, kind="stable")
     starts, ends = run_bounds(keys[order])
     giant = (ends - starts) > max_run
-    a, b = pairs_in_runs(starts[~giant], ends[~giant])
-    i, j = _verified(h, order[a], order[b], d)
-    parts_i, parts_j = [i], [j]
+    parts_i, parts_j = [], []
+    for s, e in _chunks_of_runs(starts[~giant], ends[~giant]):
+        a, b = pairs_in_runs(s, e)
+        i, j = _verified(h, order[a], order[b], d)
+        parts_i.append(i)
+        parts_j.append(j)
     free_mask = ((1 << width) - 1) & ~key_mask
     free_width = bin(free_mask).count("1")
     for s, e in zip(starts[giant], ends[giant]):
@@ -169,7 +173,20 @@ def _table_pairs(h: np.ndarray, d: int, key_mask: int, width: int, max_run: int)
         si, sj = distinct_pairs(compact_bits(h[members], free_mask), d, free_width, None, max_run)
         parts_i.append(members[si])
         parts_j.append(members[sj])
+    if not parts_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(parts_i), np.concatenate(parts_j)
+
+
+def _chunks_of_runs(starts: np.ndarray, ends: np.ndarray, max_pairs: int = MAX_CANDIDATES):
+    """Consecutive slices of the runs, each holding at most max_pairs candidate pairs plus one
+    run's pairs, so candidate arrays stay bounded whatever the band choice."""
+    lengths = ends - starts
+    cum = np.cumsum(lengths * (lengths - 1) // 2)
+    chunk_of = cum // max_pairs
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, starts.size]):
+        yield starts[lo:hi], ends[lo:hi]
 
 
 def _verified(h: np.ndarray, i: np.ndarray, j: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:

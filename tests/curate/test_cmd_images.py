@@ -40,7 +40,7 @@ def test_near_dup_flags_override_yaml(shards, tmp_path, ray_local) -> None:
 @pytest.mark.parametrize("args, message", [
     (["near-dup", "-i", "/nonexistent/shards", "-o", "OUT"], "no such shard folder"),
     (["near-dup", "-i", "SHARDS", "-o", "OUT", "--distance", "99"], "distance must be in 0..16"),
-    (["score", "-i", "SHARDS", "-o", "OUT"], "nothing to score"),
+    (["score", "-i", "SHARDS", "-o", "OUT", "--no-nsfw"], "nothing to score"),
     (["score", "-i", "SHARDS", "-o", "OUT", "--aesthetic-model", "a.pth"], "also give clip_model"),
     (["score", "-i", "SHARDS", "-o", "OUT", "--watermark-model", "/m/watermark_model_v1.pt"],
      "watermark checkpoint not found: /m/watermark_model_v1.pt"),

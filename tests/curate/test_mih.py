@@ -109,3 +109,18 @@ def test_choose_bands_grows_keys_with_n() -> None:
     assert mih.choose_bands(1000, 4) == 5
     assert mih.choose_bands(10**6, 4) > 5
     assert all(mih.choose_bands(n, d) >= d + 1 for n in (10, 10**9) for d in (0, 3, 8))
+
+
+def test_runs_are_paired_in_bounded_chunks() -> None:
+    lengths = np.array([2, 5, 1, 7, 3, 3, 40])
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    chunks = list(mih._chunks_of_runs(starts, ends, max_pairs=10))
+    assert len(chunks) > 3
+    got = set()
+    for s, e in chunks:
+        pairs = len(mih.pairs_in_runs(s, e)[0])
+        largest = int(((e - s) * (e - s - 1) // 2).max())
+        assert pairs <= 10 + largest  # the bound, overshot by at most one run
+        got |= as_set(*mih.pairs_in_runs(s, e))
+    assert got == as_set(*mih.pairs_in_runs(starts, ends))
