@@ -448,7 +448,8 @@ class MeissonicTransformer(nn.Module):
         by 1000 here, as the released checkpoint was trained with.
         """
         b = pooled.shape[0]
-        micro = sinusoidal_embedding(micro_conds.reshape(-1), self.cfg.micro_cond_embed_dim).reshape(b, -1)
+        micro = sinusoidal_embedding(micro_conds.reshape(-1), self.cfg.micro_cond_embed_dim)  # (B*5, E)
+        micro = micro.reshape(b, self.cfg.micro_cond_dim * self.cfg.micro_cond_embed_dim)
         cond = self.cond_embed(torch.cat([pooled.float(), micro], dim=1).to(pooled.dtype))  # (B, D)
         return self.time_text_embed(timestep.float() * 1000.0, cond)
 
