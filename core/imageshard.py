@@ -92,6 +92,7 @@ def iter_shard(path: str | os.PathLike, report: ReadReport | None = None) -> Ite
                     current = None
                 current = current or Sample(key)
                 _attach(current, ext, data, member.name, report)
+            _check_end_marker(path, tar.offset)
     except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
         report.damaged = f"{type(exc).__name__}: {exc}"
         # The last sample may be incomplete (its image member cut off): keep it only if whole.
@@ -100,6 +101,21 @@ def iter_shard(path: str | os.PathLike, report: ReadReport | None = None) -> Ite
     if current is not None:
         report.samples += 1
         yield current
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _check_end_marker(path: str | os.PathLike, offset: int) -> None:
+    """An uncompressed tar cut exactly at a member boundary reads as a clean end in stream mode;
+    a complete one has two zero blocks (the end-of-archive marker) where the next header would be."""
+    with open(path, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED_MAGIC):
+            return  # a compressed stream detects truncation itself (EOFError / zlib.error)
+        f.seek(offset)
+        end = f.read(2 * tarfile.BLOCKSIZE)
+    if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+        raise tarfile.ReadError(f"no end-of-archive marker at byte {offset}: the tar was cut short")
 
 
 def zlib_error() -> type[BaseException]:

@@ -118,7 +118,7 @@ def fit_vq_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="VQ folder to write (loadable by pretokenize --vq)."),
     codebook: Optional[int] = typer.Option(None, "--codebook", help="Codebook size (default 1024)."),
     downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per token side, a power of 2 (default 8)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 300)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 300; each is a full forward/backward, ~0.1-1 s on a CPU)."),
     res: Optional[int] = typer.Option(None, "--res", help="Training crop side in pixels (default 64)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 16)."),
     width: Optional[int] = typer.Option(None, "--width", help="Channels of the first encoder block (default 32)."),

@@ -93,14 +93,18 @@ def _prepare(sample: Sample, shard: str, s: EncodeSettings) -> preprocess.Prepar
 
 
 def prefetched(
-    samples: Iterator[Sample], pool: ThreadPoolExecutor, window: int, shard: str,
+    samples: Iterator[Sample], report: ReadReport, pool: ThreadPoolExecutor, window: int, shard: str,
     s: EncodeSettings, keep: frozenset[str] | None, writer: ShardWriter,
 ) -> Iterator[tuple[int, Sample, Future]]:
     """Yield (row, sample, future of its preprocessing) in tar order, keeping `window` images
     in flight in the pool; samples that need no encoding go straight to the ledger."""
     pending: deque[tuple[int, Sample, Future]] = deque()
     for row, sample in enumerate(samples):
-        if sample.image is None:
+        # iter_shard sets `damaged` before yielding the sample the damage cut into: its image
+        # is whole, but a missing caption would silently train as an empty prompt.
+        if report.damaged and sample.caption is None:
+            writer.drop(row, sample.key, "failed", "truncated_sample", "shard ends inside this sample (no .txt)")
+        elif sample.image is None:
             writer.drop(row, sample.key, "failed", "no_image", "sample has no .jpg/.png/.webp member")
         elif keep is not None and sample.key not in keep:
             writer.drop(row, sample.key, "filtered", "not_in_keep_list")
@@ -134,7 +138,7 @@ def encode_shard(
 
     with ThreadPoolExecutor(max(1, s.decode_threads), thread_name_prefix="decode") as pool:
         window = max(s.batch_size, s.prefetch_batches * s.batch_size)
-        for row, sample, fut in prefetched(iter_shard(tar, report), pool, window, stem, s, keep, writer):
+        for row, sample, fut in prefetched(iter_shard(tar, report), report, pool, window, stem, s, keep, writer):
             try:
                 prep = fut.result()
             except Exception as exc:  # undecodable / truncated / bomb-sized image
