@@ -37,7 +37,9 @@ def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
             return ImageOps.exif_transpose(image) or image
     except DecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
+    except Image.DecompressionBombError as exc:  # over PIL's own limit (2x MAX_IMAGE_PIXELS)
+        raise DecodeError(f"too many pixels (decompression bomb): {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
 
 
