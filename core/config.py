@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,10 @@ T = TypeVar("T")
 # The repository's own pipelines.yaml: the embedded defaults used when no --config is given
 # and the working folder has none.
 REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+
+
+# Scientific notation that YAML 1.1 leaves as a string (`1e-4`, `3E+2`).
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -89,6 +94,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return origin(items)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT_RE.match(value):
+        return float(value)  # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):
@@ -159,6 +166,8 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         value = yaml.safe_load(raw)
+        if isinstance(value, str) and _FLOAT_RE.match(value):
+            value = float(value)  # `lr=3e-4`: YAML 1.1 has no float without a dot
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
