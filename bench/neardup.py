@@ -87,6 +87,29 @@ def peak_rss(n: int, d: int, bands: int | None) -> tuple[float, int, int]:
     return result
 
 
+def decide_pass(n: int, d: int) -> tuple[float, int]:
+    """Wall time of the step's whole driver pass on n synthetic hash rows (hosts, sha256,
+    aesthetic, sizes, 1% undecodable), as `curate near-dup` runs it after hashing."""
+    import pyarrow as pa
+
+    from curate import neardup
+
+    rng = np.random.default_rng(2)
+    ph = planted_hashes(n, d)
+    error = np.where(rng.random(n) < 0.01, "undecodable image: test", None)
+    table = pa.table({
+        "key": [f"{i:09d}" for i in range(n)], "shard": [f"{i // 10_000:05d}.tar" for i in range(n)],
+        "row": np.arange(n) % 10_000, "sha256": [f"{h:016x}" for h in ph.tolist()],
+        "phash": pa.array(ph, pa.uint64()), "host": [f"h{i % 5000}.com" for i in range(n)],
+        "aesthetic": rng.normal(5, 1, n), "width": rng.integers(64, 2048, n), "height": rng.integers(64, 2048, n),
+        "error": pa.array(error.tolist(), pa.string()),
+    }, schema=neardup.HASH_SCHEMA)
+    t0 = time.perf_counter()
+    dec = neardup.decide(table, neardup.NearDupConfig(distance=d))
+    neardup.keep_table(table, dec), neardup.groups_table(table, dec)
+    return time.perf_counter() - t0, n
+
+
 def exactness(n: int, d: int) -> list[str]:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -138,6 +161,8 @@ def main() -> None:
         wall, before, peak = peak_rss(sizes[-1], d, bands)
         print(f"peak RSS grouping {sizes[-1]:,} hashes, {name} (fresh process): {peak / 2**20:.0f} MiB "
               f"(before grouping {before / 2**20:.0f} MiB), wall {wall:.2f} s")
+    t_decide, n_rows = decide_pass(sizes[-1], d)
+    print(f"near-dup grouping pass (neardup.decide + keep/groups tables) on {n_rows:,} hash rows: {t_decide:.2f} s")
     for line in exactness(5_000 if args.small else 20_000, d):
         print(line)
 
