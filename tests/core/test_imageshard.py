@@ -1,0 +1,86 @@
+"""core.imageshard: write/read round trip, unsafe members refused, truncation survived."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from core.imageshard import ReadReport, Sample, iter_shard, list_shards, write_shard
+
+
+def samples(n: int) -> list[Sample]:
+    return [Sample(f"0000{i}", bytes([i]) * 700, "jpg", f"cap {i}", {"i": i}) for i in range(n)]
+
+
+def raw_tar(path, members, kind=tarfile.REGTYPE):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_round_trip(tmp_path):
+    assert write_shard(tmp_path / "00000.tar", samples(3)) == 3
+    report = ReadReport("x")
+    got = list(iter_shard(tmp_path / "00000.tar", report))
+    assert [(s.key, s.image, s.image_ext, s.caption, s.meta) for s in got] == [
+        (s.key, s.image, "jpg", s.caption, s.meta) for s in samples(3)]
+    assert report.samples == 3 and report.damaged is None and not report.refused
+
+
+def test_list_shards_skips_bookkeeping(tmp_path):
+    for name in ("00001.tar", "00000.tar", "_tmp.x.tar", ".hidden.tar", "a.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_shards(tmp_path)] == ["00000.tar", "00001.tar"]
+    with pytest.raises(FileNotFoundError):
+        list_shards(tmp_path / "missing")
+
+
+def test_absolute_and_dotdot_members_refused(tmp_path):
+    raw_tar(tmp_path / "x.tar", [("/abs/0.jpg", b"a"), ("../1.jpg", b"b"), ("a/../../2.jpg", b"c"), ("3.jpg", b"d")])
+    report = ReadReport("x")
+    got = list(iter_shard(tmp_path / "x.tar", report))
+    assert [s.key for s in got] == ["3"]
+    assert [r for _, r in report.refused] == ["absolute path", "path traversal (..)", "path traversal (..)"]
+    assert not (tmp_path.parent / "1.jpg").exists()
+
+
+def test_links_refused(tmp_path):
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        link = tarfile.TarInfo("0.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    report = ReadReport("x")
+    assert list(iter_shard(tmp_path / "x.tar", report)) == []
+    assert report.refused == [("0.jpg", "not a regular file")]
+
+
+@pytest.mark.parametrize("frac", [0.15, 0.33, 0.5, 0.71, 0.9])
+def test_truncated_tar_keeps_whole_samples_and_reports_damage(tmp_path, frac):
+    write_shard(tmp_path / "00000.tar", samples(6))
+    data = (tmp_path / "00000.tar").read_bytes()
+    end = 6 * 3 * 512 + sum(  # where the end-of-archive marker starts
+        -(-len(m) // 512) * 512 for s in samples(6) for m in (s.image, s.caption.encode(), b'{"i": 0}'))
+    cut = int(end * frac) // 512 * 512 if frac == 0.5 else int(end * frac)  # a member boundary too
+    (tmp_path / "t.tar").write_bytes(data[:cut])
+    report = ReadReport("t")
+    got = list(iter_shard(tmp_path / "t.tar", report))
+    assert report.damaged, "a truncated tar must be reported as damaged"
+    # every yielded image is whole; only the sample the cut went through may lack .txt/.json
+    assert len(got) <= 6 and all(s.image == bytes([int(s.key[-1])]) * 700 for s in got)
+    assert all(s.caption and s.meta for s in got[:-1])
+
+
+def test_not_a_tar_is_damaged_not_raised(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"garbage" * 100)
+    report = ReadReport("x")
+    assert list(iter_shard(tmp_path / "x.tar", report)) == [] and report.damaged
+
+
+def test_invalid_json_member_recorded(tmp_path):
+    raw_tar(tmp_path / "x.tar", [("0.jpg", b"a"), ("0.json", b"{oops")])
+    report = ReadReport("x")
+    (s,) = list(iter_shard(tmp_path / "x.tar", report))
+    assert s.meta == {} and report.bad_members[0][0] == "0.json"

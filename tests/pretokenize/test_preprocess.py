@@ -1,0 +1,76 @@
+"""pretokenize.preprocess: identical to torchvision's Resize(res) + CenterCrop on PIL images
+(the Meissonic/aMUSEd trainers' transform), EXIF, alpha, seeded random crops."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import transforms
+
+from pretokenize import preprocess as P
+
+
+def jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,res", [(300, 200, 64), (77, 130, 64), (50, 40, 64), (64, 64, 64), (513, 1000, 256)])
+def test_matches_torchvision_resize_center_crop(w, h, res):
+    rng = np.random.default_rng(w * h)
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    expect = np.asarray(transforms.Compose([
+        transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(res)
+    ])(img))
+    got = P.resize_and_crop(img, res, None, None, "center")
+    assert np.array_equal(got.pixels, expect)
+    assert (got.orig_w, got.orig_h) == (w, h)
+    assert P.resized_size(w, h, res) == tuple(reversed(transforms.Resize(res)(img).size[::-1]))
+
+
+def test_crop_offsets_are_in_resized_coordinates():
+    img = Image.new("RGB", (400, 200))
+    p = P.resize_and_crop(img, 100, None, None, "center")
+    assert P.resized_size(400, 200, 100) == (200, 100)
+    assert (p.crop_top, p.crop_left) == (0, 50)
+
+
+def test_random_crop_seeded_and_in_bounds():
+    a = {P.crop_offsets(300, 100, 100, "random", P.crop_seed(0, "00000", f"k{i}")) for i in range(50)}
+    assert all(t == 0 and 0 <= l <= 200 for t, l in a) and len(a) > 10
+    s = P.crop_seed(3, "00001", "000010007")
+    assert P.crop_offsets(300, 100, 100, "random", s) == P.crop_offsets(300, 100, 100, "random", s)
+    assert P.crop_seed(3, "00001", "a") != P.crop_seed(3, "00001", "b") != P.crop_seed(4, "00001", "b")
+    with pytest.raises(ValueError, match="crop must be one of"):
+        P.crop_offsets(10, 10, 10, "diag")
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 tall as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: displayed 20 wide, 40 tall
+    img = P.decode_image(jpeg(arr, exif=exif.tobytes()))
+    assert img.size == (20, 40) and img.mode == "RGB"
+
+
+def test_alpha_composited_on_white():
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    img = P.decode_image(buf.getvalue())
+    assert img.mode == "RGB" and np.all(np.asarray(img) == 255)
+    gray = P.to_rgb(Image.new("L", (4, 4), 7))
+    assert gray.mode == "RGB" and np.asarray(gray)[0, 0].tolist() == [7, 7, 7]
+
+
+def test_prepare_and_unit_tensor():
+    arr = np.full((40, 60, 3), 255, np.uint8)
+    p = P.prepare(jpeg(arr), 32)
+    assert p.pixels.shape == (32, 32, 3) and p.pixels.dtype == np.uint8
+    x = P.to_unit_tensor(np.stack([p.pixels]))
+    assert tuple(x.shape) == (1, 3, 32, 32) and float(x.max()) <= 1.0 and float(x.min()) > 0.9
+    with pytest.raises(Exception):
+        P.prepare(b"not an image", 32)
