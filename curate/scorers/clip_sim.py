@@ -25,7 +25,8 @@ class Clip:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else -1
+        """Width of the image embedding (768 for ViT-L-14), what the aesthetic MLP takes."""
+        return int(self.model.visual.output_dim)
 
 
 def register_config(path: str | Path) -> str:

@@ -67,7 +67,7 @@ def test_odd_but_valid_images_decode_to_rgb_and_hash(name: str) -> None:
     (encode(Image.new("RGB", (64, 64)), "JPEG")[:200], "undecodable image"),
     (bomb_png(12000), "too many pixels: 12000x12000 > max_pixels=80000000"),
     (bomb_png(30000, body=False), "too many pixels \\(decompression bomb\\)"),
-])
+], ids=["empty", "html", "truncated_jpeg", "bomb_over_max_pixels", "bomb_over_pil_limit"])
 def test_bad_bytes_fail_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason):
         open_image(data, max_pixels=80_000_000)

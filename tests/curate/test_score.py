@@ -113,3 +113,12 @@ def test_model_errors_raised_in_ray_workers_keep_their_message(ray_local) -> Non
     assert score._cause_message(info.value, ScorerError) == (
         "watermark checkpoint /m/watermark_model_v1.pt does not match architecture 'efficientnet_b3a'")
     assert score._cause_message(RuntimeError("other"), ScorerError) is None
+
+
+def test_aesthetic_checkpoint_must_fit_the_clip_embedding(models, tmp_path) -> None:
+    from scorer_models_fixture import tiny_aesthetic_file
+
+    wrong = tiny_aesthetic_file(tmp_path, dim=16)  # the tiny CLIP gives 32-d embeddings
+    cfg = ScoreConfig(**{**models, "aesthetic_model": str(wrong), "watermark_model": None, "nsfw": False})
+    with pytest.raises(ScorerError, match="expects 16-d embeddings but CLIP tessera-tiny-clip gives 32-d"):
+        score.Scorers(cfg)
