@@ -46,28 +46,33 @@ COPY (
 """
 
 
-def tree_rss(proc: psutil.Process) -> int:
+def sample(proc: psutil.Process, cpu: dict[int, float]) -> int:
+    """RSS sum of the process tree now; records each process's CPU seconds so far in `cpu`."""
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             total += p.memory_info().rss
+            t = p.cpu_times()
+            cpu[p.pid] = t.user + t.system
         except psutil.Error:
             pass
     return total
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run `cmd`; returns (wall seconds, peak RSS bytes of its process tree)."""
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
+    """Run `cmd`; returns (wall seconds, peak RSS bytes, CPU seconds of its process tree).
+    CPU seconds are sampled, so a process's last <50 ms are missed; on a machine shared with
+    other jobs they are the steadier figure."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, cpu = psutil.Process(proc.pid), 0, {}
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        peak = max(peak, sample(ps, cpu))
         time.sleep(0.05)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return wall, peak
+    return wall, peak, sum(cpu.values())
 
 
 def check(con, folder: Path) -> tuple[int, int]:
@@ -97,7 +102,7 @@ def main() -> None:
     yaml_path = work / "bench.yaml"
     env = {**os.environ, "RAY_ADDRESS": ""}  # always a fresh local Ray, as a user's first run
     env.pop("RAY_ADDRESS")
-    results: dict[str, list[tuple[float, int]]] = {"baseline": [], "run": [], "separate": []}
+    results: dict[str, list[tuple[float, int, float]]] = {"baseline": [], "run": [], "separate": []}
     import duckdb
 
     con = duckdb.connect()
@@ -113,23 +118,25 @@ def main() -> None:
         yaml_path.write_text(json.dumps({"pipelines": {"bench": {"input": str(data), "output": str(out / "run"),
                                                                 "steps": ["dedup", "filter"]}}}))
         results["run"].append(measure([CURATE, "run", "--config", str(yaml_path), "--pipeline", "bench"], env))
-        w1, m1 = measure([CURATE, "dedup", "-i", str(data), "-o", str(out / "sep-dedup"), "--config", str(yaml_path)], env)
-        w2, m2 = measure([CURATE, "filter", "-i", str(out / "sep-dedup"), "-o", str(out / "sep-filter"), "--config", str(yaml_path)], env)
-        results["separate"].append((w1 + w2, max(m1, m2)))
+        w1, m1, c1 = measure([CURATE, "dedup", "-i", str(data), "-o", str(out / "sep-dedup"), "--config", str(yaml_path)], env)
+        w2, m2, c2 = measure([CURATE, "filter", "-i", str(out / "sep-dedup"), "-o", str(out / "sep-filter"), "--config", str(yaml_path)], env)
+        results["separate"].append((w1 + w2, max(m1, m2), c1 + c2))
         base, run_, sep = check(con, out / "base"), check(con, out / "run" / "filter"), check(con, out / "sep-filter")
         if not base == run_ == sep:
             raise SystemExit(f"outputs differ: baseline {base}, run {run_}, separate {sep}")
         print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in results.items())
               + f"; {base[0]:,} rows kept by all three")
         shutil.rmtree(out)
-    med = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
-    peak = {k: max(m for _, m in v) for k, v in results.items()}
+    med = {k: statistics.median(w for w, _, _ in v) for k, v in results.items()}
+    peak = {k: max(m for _, m, _ in v) for k, v in results.items()}
+    cpu = {k: statistics.median(c for _, _, c in v) for k, v in results.items()}
     print(f"\n{rows:,} rows, {args.files} files, {size / 1e6:.0f} MB parquet; medians of {repeats}; "
           f"{os.cpu_count()} CPUs")
-    print(f"{'':10s} {'wall s':>8s} {'rows/s':>12s} {'ratio':>7s} {'peak RSS GB':>12s}")
+    print(f"{'':10s} {'wall s':>8s} {'rows/s':>12s} {'ratio':>7s} {'CPU s':>8s} {'CPU ratio':>10s} {'peak RSS GB':>12s}")
     for k in results:
-        print(f"{k:10s} {med[k]:8.2f} {rows / med[k]:12,.0f} {med[k] / med['baseline']:7.2f} {peak[k] / 1e9:12.2f}")
-    print(json.dumps({"rows": rows, "files": args.files, "repeats": repeats, "median_s": med,
+        print(f"{k:10s} {med[k]:8.2f} {rows / med[k]:12,.0f} {med[k] / med['baseline']:7.2f} "
+              f"{cpu[k]:8.1f} {cpu[k] / cpu['baseline']:10.2f} {peak[k] / 1e9:12.2f}")
+    print(json.dumps({"rows": rows, "files": args.files, "repeats": repeats, "median_s": med, "cpu_s": cpu,
                       "ratio": {k: med[k] / med["baseline"] for k in med}, "peak_rss_gb": {k: peak[k] / 1e9 for k in peak}}))
 
 

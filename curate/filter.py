@@ -98,20 +98,21 @@ def required_columns(cfg: FilterConfig) -> list[str]:
 
 def _filter_file(f: mio.InputFile, idx: int, cfg: FilterConfig, columns: list[tuple[str, str]],
                  out: Path) -> dict[str, Any]:
-    """One task: kept rows -> OUT/part-<idx>.parquet, every row -> the ledger."""
+    """One task: decide every row once (one read of the file), then kept rows ->
+    OUT/part-<idx>.parquet and every row -> the ledger."""
     con = mio.connect(cfg.threads, cfg.memory)
     src = mio.scan(f)
     reason, value = decision_sql(cfg.active())
-    bad = mio.invalid_reason_sql(f)
-    decided = f"(SELECT *, {bad} AS _bad, {reason} AS _reason FROM {src})"
     project = mio.project_sql(mio.relation_columns(con, src), columns)
-    mx.copy_to(con, f"SELECT {project} FROM {decided} WHERE _bad IS NULL AND _reason IS NULL", out / f"part-{idx:05d}.parquet")
-    key = "hash" if f.column("hash") else "URL"
+    key = mio.ident("hash" if f.column("hash") else f.column("URL"))
+    con.execute(f"CREATE TEMP TABLE d AS SELECT {project}, file_row_number AS _row, {key} AS _key, "
+                f"{mio.invalid_reason_sql(f)} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}")
+    cols = ", ".join(mio.ident(c) for c, _ in columns)
+    mx.copy_to(con, f"SELECT {cols} FROM d WHERE _bad IS NULL AND _reason IS NULL ORDER BY _row", out / f"part-{idx:05d}.parquet")
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _reason IS NOT NULL THEN 'filtered' ELSE 'kept' END"
-    select = mx.ledger_select("filter", mio.sql_str(f.path), "file_row_number", key, state,
-                              "coalesce(_bad, _reason)", f"CASE WHEN _bad IS NULL THEN _value END")
-    mx.write_ledger(con, f"SELECT {select} FROM (SELECT *, {bad} AS _bad, {reason} AS _reason, {value} AS _value FROM {src})",
-                    out, f"part-{idx:05d}")
+    select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
+                              "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END")
+    mx.write_ledger(con, f"SELECT {select} FROM d", out, f"part-{idx:05d}")
     con.close()
     return {"rows": f.rows}
 
