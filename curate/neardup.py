@@ -193,15 +193,18 @@ def placeholder_hashes(phash: np.ndarray, host: np.ndarray, threshold: int) -> d
     has_host = np.array([h is not None for h in host], dtype=bool)
     if not has_host.any():
         return {}
-    _, host_code = np.unique(host[has_host].astype(str), return_inverse=True)
-    pairs = np.unique(np.stack([phash[has_host], host_code.astype(np.uint64)], axis=1), axis=0)
-    values, counts = np.unique(pairs[:, 0], return_counts=True)
+    host_code = codes(pa.chunked_array([pa.array(host[has_host].tolist(), pa.string())]))
+    values, hash_code = np.unique(phash[has_host], return_inverse=True)
+    # One int64 per (hash, host) pair, so distinct pairs are a plain integer unique.
+    pair = np.unique(hash_code.astype(np.int64) * (int(host_code.max()) + 1) + host_code)
+    counts = np.bincount(pair // (int(host_code.max()) + 1), minlength=values.size)
     hit = counts >= threshold
     return dict(zip(values[hit].tolist(), counts[hit].tolist()))
 
 
 def components(sha: np.ndarray, phash: np.ndarray, d: int, bands: int | None) -> np.ndarray:
-    """Group root of each row: equal sha256 first (collapsed), then pHash within d (MIH)."""
+    """Group root of each row: equal sha256 first (collapsed), then pHash within d (MIH).
+    `sha` may be the digests or any integer codes of them."""
     _, first, inverse = np.unique(sha, return_index=True, return_inverse=True)
     rep_labels = mih.group_labels(phash[first], d, bands)  # index into `first`
     return first[rep_labels][inverse]
@@ -214,8 +217,23 @@ def kept_rows(group: np.ndarray, aesthetic: np.ndarray, area: np.ndarray, key_ra
     first_of_group = np.ones(order.size, dtype=bool)
     first_of_group[1:] = group[order][1:] != group[order][:-1]
     winners = order[first_of_group]  # one per group, in group order
-    winner_of = dict(zip(group[winners].tolist(), winners.tolist()))
-    return np.array([winner_of[g] for g in group.tolist()], dtype=np.int64)
+    # Map every row to its group's winner: groups in `order` are sorted, so search them.
+    return winners[np.searchsorted(group[winners], group)]
+
+
+def codes(column: pa.ChunkedArray) -> np.ndarray:
+    """Integer code per row, equal exactly when the strings are equal (arrow hash encoding)."""
+    return column.fill_null("").combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def key_ranks(table: pa.Table) -> np.ndarray:
+    """Rank of each row by (key, shard): the keep rule's last tie-break."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(table.select(["key", "shard"]), sort_keys=[("key", "ascending"), ("shard", "ascending")])
+    ranks = np.empty(table.num_rows, dtype=np.int64)
+    ranks[order.to_numpy()] = np.arange(table.num_rows)
+    return ranks
 
 
 def decide(table: pa.Table, cfg: NearDupConfig) -> Decisions:
@@ -242,24 +260,20 @@ def _group_and_keep(table: pa.Table, rows: np.ndarray, phash: np.ndarray, cfg: N
     """Fill `out` for the rows that take part in grouping (decoded, not placeholders)."""
     if rows.size == 0:
         return
-    sha = np.array(table["sha256"].to_pylist(), dtype=object)[rows].astype(str)
-    group = rows[components(sha, phash[rows], cfg.distance, cfg.bands)]
+    sha_code = codes(table["sha256"])  # equal digests <-> equal codes (hashing, not sorting strings)
+    group = rows[components(sha_code[rows], phash[rows], cfg.distance, cfg.bands)]
     aesthetic = table["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float64)[rows]
     width = table["width"].fill_null(0).to_numpy().astype(np.int64)[rows]
     height = table["height"].fill_null(0).to_numpy().astype(np.int64)[rows]
-    keys = np.array(table["key"].to_pylist(), dtype=object)[rows]
-    shards = np.array(table["shard"].to_pylist(), dtype=object)[rows]
-    key_rank = np.unique(np.char.add(keys.astype(str), np.char.add("\0", shards.astype(str))), return_inverse=True)[1]
-    kept = rows[kept_rows(group, aesthetic, width * height, key_rank)]
+    kept = rows[kept_rows(group, aesthetic, width * height, key_ranks(table)[rows])]
     all_keys = np.array(table["key"].to_pylist(), dtype=object)
-    all_sha = np.array(table["sha256"].to_pylist(), dtype=object)
     out.group[rows] = group
     out.distance[rows] = mih.hamming(phash[rows], phash[kept]).astype(np.int64)
     dup = rows[kept != rows]
     dup_kept = kept[kept != rows]
     out.state[dup] = "duplicate"
     out.ref[dup] = all_keys[dup_kept]
-    out.reason[dup] = np.where(all_sha[dup] == all_sha[dup_kept], "sha256", "phash")
+    out.reason[dup] = np.where(sha_code[dup] == sha_code[dup_kept], "sha256", "phash")
     out.value[dup] = [f"distance {d}" for d in out.distance[dup]]
 
 
