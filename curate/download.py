@@ -223,7 +223,8 @@ def run_worker(rd: RunDir, spec: dict[str, Any], staging: Path, n_shards: int) -
     stamp = f"img2dataset-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
     spec_path, log = logs / f"{stamp}.spec.json", logs / f"{stamp}.log"
     atomic.write_json(spec_path, spec)
-    env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS=str(spec["limits"]["max_pixels"]), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS=str(spec["limits"]["max_pixels"]), PYTHONUNBUFFERED="1",
+               NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "curate.download_worker", str(spec_path)]
     with open(log, "wb") as out, make_progress() as progress:
         bar = progress.add_task("download shards", total=n_shards)

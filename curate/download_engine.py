@@ -1,7 +1,8 @@
 """img2dataset, wrapped: our limits in its workers, our shard numbering in its reader.
 
-`run(spec)` calls `img2dataset.download(...)` (the public Python API) after swapping three
-classes it builds by name in `img2dataset.main`:
+`run(spec)` calls `img2dataset.download(...)` (the public Python API) after swapping the
+classes it builds by name in `img2dataset.main` (and its speed-printing logger process for
+`QuietLogger`):
 
   * `PlannedReader` yields exactly the shards of our plan, with *our* shard ids (sample keys
     embed the shard id, so retry shards numbered after the existing ones get unique keys);
@@ -175,6 +176,24 @@ class PlannedReader(Reader):
         return table.append_column("source_shard", pa.array([entry["id"]] * n, pa.int64()))
 
 
+class QuietLogger:
+    """Stands in for img2dataset's LoggerProcess, a spawned process that re-imports all of
+    img2dataset (~5 s of CPU per call) only to print speed tables; `curate.download` shows
+    its own progress and verifies every shard's `_stats.json` itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.done_shards: set[int] = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
 def run(spec: dict[str, Any]) -> None:
     """Run img2dataset on `spec` (written by curate.download): plan, columns, limits, kwargs."""
     limits = Limits(**spec["limits"])
@@ -182,6 +201,7 @@ def run(spec: dict[str, Any]) -> None:
     i2d_main.Resizer = functools.partial(LimitedResizer, limits=limits)
     i2d_main.Downloader = functools.partial(LimitedDownloader, limits=limits)
     i2d_main.Reader = functools.partial(PlannedReader, plan=spec["plan"], columns=spec["columns"])
+    i2d_main.LoggerProcess = QuietLogger
     if spec["i2d"].get("distributor") == "ray":
         from core.ray_util import init_ray
 
