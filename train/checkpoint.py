@@ -120,6 +120,15 @@ def prune(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(step_dir(run_dir, step), ignore_errors=True)
 
 
+def remove_partial(run_dir: str | Path) -> int:
+    """Delete `_tmp.*` checkpoint folders a killed run left behind; returns how many."""
+    folder = Path(run_dir) / CKPT_DIR
+    stale = [p for p in folder.glob("_tmp.*") if p.is_dir()] if folder.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (-> its latest checkpoint)."""
     path = Path(path)

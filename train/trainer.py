@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from core.codeshard import Manifest
 from core.config import ConfigError, to_dict
@@ -93,7 +94,7 @@ class Trainer:
         self.manifest = self.dataset.manifest
         self.model_cfg = model_config(cfg, self.manifest, cfg.data.path)
         self.grid = tuple(self.manifest.grid)
-        self.run = self._open_run_dir()
+        self.config_hash = self._open_run_dir()
 
         self.text = build_text_encoder(cfg, self.device)
         self._check_text_dims()
@@ -131,7 +132,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         self._say(f"{self.stage}: steps {self.step}->{cfg.steps}, global batch {cfg.batch_size} = "
-                  f"{self.dist.world} GPU(s) x {self.loader.batch_size} x {self.accum} accumulation, grid {self.grid}")
+                  f"{self.dist.world} rank(s) x {self.loader.batch_size} x {self.accum} accumulation, grid {self.grid}")
         window = _Window()
         with make_progress() as progress:
             bar = progress.add_task(f"train {self.stage}", total=cfg.steps, completed=self.step,
@@ -210,7 +211,7 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema else 0,
             "cursor": self.loader.state_dict(),
             "rng": checkpoint.rng_state(),
-            "config_hash": self.run.hash,
+            "config_hash": self.config_hash,
         }
         checkpoint.save(self.run_dir, self.step, weights, state, self._meta(),
                         ema_weights=self.ema.state_dict() if self.ema else None, keep=self.cfg.keep_last)
@@ -229,13 +230,17 @@ class Trainer:
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png")
 
     # ---------------------------------------------------------------- set-up helpers
-    def _open_run_dir(self) -> RunDir:
-        """Write (or check) RUN/_config.yaml on the main rank; a different config is refused."""
+    def _open_run_dir(self) -> str:
+        """Write (or check) RUN/_config.yaml on the main rank (a different config is refused);
+        every rank returns the config hash. Only rank 0 touches the folder (RunDir.open also
+        clears temp files, which must not race with rank 0's writes)."""
         identity = {"stage": to_dict(self.cfg), "data": {"tokenizer_sha256": self.manifest.tokenizer.sha256,
                                                        "rows": self.manifest.num_rows, "grid": list(self.grid)}}
-        run = RunDir.open(self.run_dir, f"train.{self.stage}", identity) if self.dist.is_main else None
+        if self.dist.is_main:
+            RunDir.open(self.run_dir, f"train.{self.stage}", identity)
+            checkpoint.remove_partial(self.run_dir)
         distributed.barrier()
-        return run or RunDir.open(self.run_dir, f"train.{self.stage}", identity)
+        return yaml.safe_load((self.run_dir / "_config.yaml").read_text())["hash"]
 
     def _check_text_dims(self) -> None:
         have = (self.text.hidden_dim, self.text.pooled_dim)
@@ -257,7 +262,7 @@ class Trainer:
 
     def _resume(self, ckpt: Path) -> None:
         state = checkpoint.load_state(ckpt)
-        if state["config_hash"] != self.run.hash:
+        if state["config_hash"] != self.config_hash:
             raise checkpoint.CheckpointError(f"{ckpt} was written by another config (hash {state['config_hash']})")
         distributed.load_states(self.model, self.raw, self.optimizer, checkpoint.load_weights(ckpt),
                                 state["optimizer"], self.cfg.fsdp)
@@ -289,7 +294,7 @@ class Trainer:
             "stage": self.stage, "model_preset": self.cfg.model, "model": dataclasses.asdict(self.model_cfg),
             "text": to_dict(self.cfg.text), "vq": self.cfg.sample.vq or self.manifest.tokenizer.path,
             "tokenizer_sha256": self.manifest.tokenizer.sha256, "grid": list(self.grid),
-            "resolution": self.manifest.resolution, "data": self.cfg.data.path, "config_hash": self.run.hash,
+            "resolution": self.manifest.resolution, "data": self.cfg.data.path, "config_hash": self.config_hash,
         }
 
     def _clip(self) -> torch.Tensor:

@@ -33,6 +33,7 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     (broken / "model.safetensors").write_bytes(b"")  # killed mid-write (no state.pt)
     (tmp_path / "checkpoints" / "_tmp.abc.step_00000012").mkdir()
     assert ckpt.latest(tmp_path).name == "step_00000005"
+    assert ckpt.remove_partial(tmp_path) == 1 and not (tmp_path / "checkpoints" / "_tmp.abc.step_00000012").exists()
 
 
 def test_rng_state_roundtrip(tmp_path):
