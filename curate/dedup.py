@@ -1,13 +1,14 @@
 """`curate dedup`: exact deduplication of LAION-style metadata, globally correct on Ray.
 
 Two phases of Ray tasks, both duckdb:
-  1. one task per input file: rows with a null/blank URL or null TEXT go to the ledger as
-     `failed`; the others are hash-partitioned by their normalised key into B bucket files
-     (OUT/_work/p1-<file>/_b=<bucket>/), tagged with their source (file index, row index);
+  1. one task per input file reads it once and hash-partitions its rows by normalised key
+     into B bucket files (OUT/_work/p1-<file>/_b=<bucket>/), tagged with their source (file
+     index, row index) and why a row is unusable (null/blank URL, null TEXT), if it is;
   2. one task per bucket: all rows of one key are in one bucket, so a window over the bucket
      keeps exactly one row per key (highest aesthetic, then highest similarity, then smallest
      hash; ties broken by source path and row), written to OUT/part-<bucket>.parquet in input
-     order; every other row is a `duplicate` in the ledger with the kept row's hash as `ref`.
+     order; every other row is a `duplicate` in the ledger with the kept row's hash as `ref`,
+     and unusable rows are `failed` with the reason.
 B depends only on the input (rows / rows_per_bucket, or `buckets`), never on the worker count,
 so the output is the same whatever the file order, the cluster size or a crash and rerun.
 """
@@ -60,21 +61,23 @@ def order_sql(names: set[str]) -> str:
             "hash ASC NULLS LAST, _src ASC, _row ASC")
 
 
+def bad_sql(f: mio.InputFile, key: str) -> str:
+    """Reason a row cannot be deduplicated (null/blank URL, null TEXT, null hash), else NULL."""
+    bad = mio.invalid_reason_sql(f)
+    return f"coalesce({bad}, CASE WHEN hash IS NULL THEN 'null hash' END)" if key == "hash" else bad
+
+
 def _partition(f: mio.InputFile, idx: int, cfg: DedupConfig, buckets: int,
                columns: list[tuple[str, str]], out: Path) -> dict[str, Any]:
-    """Phase 1 task: ledger the unusable rows, bucket the rest by key."""
+    """Phase 1 task: one read of the file; every row goes to the bucket of its key, tagged with
+    its source (file index, row index) and `_bad` (why it is unusable, else NULL)."""
     work = out / "_work"
     con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
     src = mio.scan(f, con)
-    bad = mio.invalid_reason_sql(f)
-    if cfg.key == "hash":
-        bad = f"coalesce({bad}, CASE WHEN hash IS NULL THEN 'null hash' END)"
-    failed = mx.ledger_select("dedup", mio.sql_str(f.path), "file_row_number", "hash", "'failed'", "_reason")
-    mx.write_ledger(con, f"SELECT {failed} FROM (SELECT *, {bad} AS _reason FROM {src}) WHERE _reason IS NOT NULL",
-                    out, f"p1-{idx:05d}")
+    key = KEYS[cfg.key]
     select = (f"SELECT {mio.project_sql(mio.relation_columns(con, src), columns)}, file_row_number AS _row, "
-              f"{idx}::INTEGER AS _src, {KEYS[cfg.key]} AS _key, hash({KEYS[cfg.key]}) % {buckets} AS _b "
-              f"FROM {src} WHERE {bad} IS NULL")
+              f"{idx}::INTEGER AS _src, {key} AS _key, {bad_sql(f, cfg.key)} AS _bad, hash({key}) % {buckets} AS _b "
+              f"FROM {src}")
     tmp, final = work / f"_tmp.p1-{idx:05d}.{os.getpid()}", work / f"p1-{idx:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -97,22 +100,23 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
         empty = f"SELECT {mio.project_sql(set(), columns)} LIMIT 0"
         mx.copy_to(con, empty, part)
         mx.write_ledger(con, f"SELECT {mx.ledger_select('dedup', 'NULL', '0', 'NULL', 'NULL')} LIMIT 0", out, f"p2-{k:05d}")
-        return {"kept": 0, "duplicate": 0}
+        return {}
     names = {c.lower() for c, _ in columns}
+    # Unusable rows get their own window partitions (a null-TEXT row must not win its URL).
     con.execute(
         f"CREATE TEMP TABLE r AS SELECT *, row_number() OVER w AS _rn, first_value(hash) OVER w AS _ref "
         f"FROM read_parquet({mio.sql_list(files)}, hive_partitioning=false) "
-        f"WINDOW w AS (PARTITION BY _key ORDER BY {order_sql(names)})"
+        f"WINDOW w AS (PARTITION BY _bad IS NULL, _key ORDER BY {order_sql(names)})"
     )
-    mx.copy_to(con, f"SELECT {cols} FROM r WHERE _rn = 1 ORDER BY _src, _row", part)
+    mx.copy_to(con, f"SELECT {cols} FROM r WHERE _bad IS NULL AND _rn = 1 ORDER BY _src, _row", part)
     source = f"{mio.sql_list(sources)}[_src + 1]"
-    state = "CASE WHEN _rn = 1 THEN 'kept' ELSE 'duplicate' END"
-    dup = lambda e: f"CASE WHEN _rn > 1 THEN {e} END"  # noqa: E731
-    mx.write_ledger(con, f"SELECT {mx.ledger_select('dedup', source, '_row', 'hash', state, dup(mio.sql_str(cfg.key)), 'NULL', dup('_ref'))} FROM r",
+    state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _rn = 1 THEN 'kept' ELSE 'duplicate' END"
+    dup = lambda e: f"CASE WHEN _bad IS NULL AND _rn > 1 THEN {e} END"  # noqa: E731
+    reason = f"coalesce(_bad, {dup(mio.sql_str(cfg.key))})"
+    mx.write_ledger(con, f"SELECT {mx.ledger_select('dedup', source, '_row', 'hash', state, reason, 'NULL', dup('_ref'))} FROM r",
                     out, f"p2-{k:05d}")
-    kept, total = con.execute("SELECT count(*) FILTER (WHERE _rn = 1), count(*) FROM r").fetchone()
     con.close()
-    return {"kept": int(kept), "duplicate": int(total - kept)}
+    return {}
 
 
 def run(cfg: DedupConfig, inp: str, out: str) -> dict[str, Any]:

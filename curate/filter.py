@@ -108,7 +108,8 @@ def _filter_file(f: mio.InputFile, idx: int, cfg: FilterConfig, columns: list[tu
     con.execute(f"CREATE TEMP TABLE d AS SELECT {project}, file_row_number AS _row, {key} AS _key, "
                 f"{mio.invalid_reason_sql(f)} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}")
     cols = ", ".join(mio.ident(c) for c, _ in columns)
-    mx.copy_to(con, f"SELECT {cols} FROM d WHERE _bad IS NULL AND _reason IS NULL ORDER BY _row", out / f"part-{idx:05d}.parquet")
+    # No ORDER BY: duckdb keeps insertion order (preserve_insertion_order), i.e. file order.
+    mx.copy_to(con, f"SELECT {cols} FROM d WHERE _bad IS NULL AND _reason IS NULL", out / f"part-{idx:05d}.parquet")
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _reason IS NOT NULL THEN 'filtered' ELSE 'kept' END"
     select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
                               "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END")

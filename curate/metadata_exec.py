@@ -19,7 +19,7 @@ from core.config import to_dict
 from core.progress import ray_results
 from core.ray_util import init_ray
 from core.rundir import RunDir
-from curate.metadata_io import InputFile, fingerprint, sql_str
+from curate.metadata_io import InputFile, MetadataError, fingerprint, sql_str
 
 # Config fields that change how fast a step runs, never what it writes: left out of the
 # run folder's identity so a rerun with more memory or threads may resume the same folder.
@@ -45,7 +45,10 @@ def exec_config(cfg: Any) -> dict[str, Any]:
 
 
 def _run_one(rd: RunDir, name: str, fn: Callable[..., dict], args: tuple) -> dict:
-    info = fn(*args)
+    try:
+        info = fn(*args)
+    except duckdb.Error as exc:  # e.g. a corrupt page past a valid footer: duckdb names the file
+        raise MetadataError(f"task {name} of {rd.path}: {exc}") from exc
     rd.mark_done(name, info)  # last: the task's outputs are already renamed into place
     return info
 
