@@ -100,8 +100,9 @@ def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0) -> Prepa
     return resize_and_crop(decode_image(data), res, None, None, mode, seed)
 
 
-def to_unit_tensor(batch: np.ndarray):
-    """(B, res, res, 3) uint8 -> (B, 3, res, res) float32 in [0, 1] (ToTensor, no normalisation)."""
+def to_unit_tensor(batch: np.ndarray, device=None):
+    """(B, res, res, 3) uint8 -> (B, 3, res, res) float32 in [0, 1] (ToTensor, no normalisation).
+    With a `device`, the uint8 batch is moved first (4x fewer bytes over PCIe) and converted there."""
     import torch
 
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)

@@ -132,7 +132,8 @@ def encode_shard(
 
     def flush() -> None:
         if batch:
-            pixels = preprocess.to_unit_tensor(np.stack(batch))  # (B, 3, res, res) in [0, 1]
+            device = next(vq.parameters()).device
+            pixels = preprocess.to_unit_tensor(np.stack(batch), device)  # (B, 3, res, res) in [0, 1]
             writer.codes.append(encode_codes(vq, pixels, autocast).cpu().numpy().reshape(len(batch), -1))
             batch.clear()
 
