@@ -15,9 +15,11 @@ in the ledger and has no row; every other sample is `kept`.
 """
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -153,24 +155,42 @@ def base_row(sample: Any, shard: str, width: int, height: int) -> dict[str, Any]
     return row
 
 
-def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
+def decode(data: bytes | None, max_pixels: int) -> Any:
+    """RGB image, or the DecodeError (returned, not raised, so a thread pool can carry it)."""
+    try:
+        return to_rgb(open_image(data, max_pixels))
+    except DecodeError as exc:
+        return exc
+
+
+def decoded_batches(samples: Iterator[Any], cfg: ScoreConfig, pool: ThreadPoolExecutor) -> Iterator[list[tuple[int, Any, Any]]]:
+    """Batches of (row, sample, image or DecodeError). The next batch decodes in `pool`
+    while the caller scores the current one (PIL releases the GIL), so a GPU is not left
+    waiting on JPEG decoding; at most two batches of images are in memory."""
+    rows = enumerate(samples)
+
+    def submit() -> list[tuple[int, Any, Future]]:
+        return [(i, s, pool.submit(decode, s.image, cfg.max_pixels)) for i, s in itertools.islice(rows, cfg.batch_size)]
+
+    ahead = submit()
+    while ahead:
+        current, ahead = ahead, submit()
+        yield [(i, s, f.result()) for i, s, f in current]
+
+
+def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 1) -> tuple[pa.Table, pa.Table]:
     """(scores table, ledger table) of one shard; images are scored `batch_size` at a time."""
     report = ReadReport(str(shard))
-    rows, images, led = [], [], []
-    for i, sample in enumerate(iter_shard(shard, report)):
-        try:
-            image = to_rgb(open_image(sample.image, cfg.max_pixels))
-        except DecodeError as exc:
-            led.append({"row": i, "key": sample.key, "state": "failed", "reason": str(exc)})
-            continue
-        rows.append(base_row(sample, shard.name, image.width, image.height))
-        images.append(image)
-        led.append({"row": i, "key": sample.key, "state": "kept"})
-        if len(images) == cfg.batch_size:
-            _fill(scorers, rows[-len(images):], images)
-            images = []
-    if images:
-        _fill(scorers, rows[-len(images):], images)
+    rows, led = [], []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for batch in decoded_batches(iter_shard(shard, report), cfg, pool):
+            good = [(i, s, im) for i, s, im in batch if not isinstance(im, DecodeError)]
+            led += [{"row": i, "key": s.key, "state": "kept" if not isinstance(im, DecodeError) else "failed",
+                     "reason": str(im) if isinstance(im, DecodeError) else None} for i, s, im in batch]
+            batch_rows = [base_row(s, shard.name, im.width, im.height) for _, s, im in good]
+            if good:
+                _fill(scorers, batch_rows, [im for _, _, im in good])
+            rows += batch_rows
     seen = {r["key"] for r in led}
     led += [{**m, "state": "failed", "reason": m["error"]} for m in missing_rows(shard, seen, report, len(led))]
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), ledger.rows(STEP_NAME, shard.name, led)
@@ -196,7 +216,7 @@ class ScoreWorker:
         task = f"score.{Path(shard).stem}"
         if run_dir.is_done(task):
             return run_dir.done_info(task)
-        table, led = score_shard(self.scorers, Path(shard), self.cfg)
+        table, led = score_shard(self.scorers, Path(shard), self.cfg, threads=self.cfg.cpus_per_actor)
         atomic.write_parquet(run_dir.path / f"{Path(shard).stem}.parquet", table)
         ledger.write(run_dir.path, Path(shard).stem, led)
         info = {"rows": led.num_rows, "scored": table.num_rows}

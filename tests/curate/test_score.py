@@ -66,8 +66,12 @@ def test_batching_does_not_change_scores(scorers, shard) -> None:
         whole, _ = score.score_shard(scorers, shard, scorers.cfg)
     finally:
         scorers.cfg.batch_size = 3
+    threaded, led = score.score_shard(scorers, shard, scorers.cfg, threads=2)  # decode-ahead pool
+    assert threaded["key"].to_pylist() == whole["key"].to_pylist()
+    assert [r["state"] for r in led.to_pylist()] == ["kept"] * 4 + ["failed"]
     for col in score.SCORE_COLUMNS:
         assert np.allclose(batched[col].to_numpy(), whole[col].to_numpy(), atol=1e-5), col
+        assert np.allclose(threaded[col].to_numpy(), whole[col].to_numpy(), atol=1e-5), col
 
 
 def test_laion_hash_matches_mmh3() -> None:
