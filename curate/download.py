@@ -78,7 +78,7 @@ class DownloadConfig:
     max_aspect_ratio: float = 10.0  # long/short side; beyond it a resize would explode
     min_image_size: int = 0  # smaller short side -> failed too_small
     user_agent_token: str = "tessera"  # named in the User-Agent and matched in X-Robots-Tag
-    ray_address: str | None = None  # join this Ray cluster and use img2dataset's Ray distributor
+    ray_address: str | None = None  # Ray cluster for img2dataset's Ray distributor ("local": a fresh local Ray)
     retry_failed: bool = False  # after the run, re-queue transient failures into new shards
 
     def __post_init__(self) -> None:

@@ -2,7 +2,8 @@
 
 img2dataset costs 7-9 s of start-up per call, so the whole file makes three calls: one run
 over every bad-input case (each case is then its own test, read from the ledger), one rerun
-that redoes a damaged shard, and one `--retry-failed` through the CLI.
+that redoes a damaged shard on img2dataset's Ray distributor, and one `--retry-failed`
+through the CLI.
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def test_run_accounts_for_every_url_and_behaves_on_the_wire(hostile, server):
     assert seconds < 90  # nothing hung (the stall sleeps 60 s, the trickle would take minutes)
 
 
-def test_rerun_skips_verified_shards_and_redoes_a_damaged_one(hostile, tmp_path):
+def test_rerun_skips_verified_shards_and_redoes_a_damaged_one_on_ray(hostile, tmp_path):
     root, stats, by_caption, _, _ = hostile
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
@@ -157,8 +158,13 @@ def test_rerun_skips_verified_shards_and_redoes_a_damaged_one(hostile, tmp_path)
     assert time.perf_counter() - t0 < 5 and set((out / "_logs").iterdir()) == logs  # no img2dataset call
     tar = out / "00000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # damaged after it was verified
-    assert dl.run(dl.DownloadConfig(**CFG), str(root / "in"), str(out)) == stats
-    assert len(set((out / "_logs").iterdir()) - logs) == 2  # one call (log + spec), shard 0 only
+    # Redone through img2dataset's Ray distributor (a local Ray started by the worker): the
+    # limits and the shard plan must hold in Ray workers too, so the ledger comes out the same.
+    assert dl.run(dl.DownloadConfig(**CFG, ray_address="local"), str(root / "in"), str(out)) == stats
+    new_logs = set((out / "_logs").iterdir()) - logs
+    assert len(new_logs) == 2  # one call (log + spec), shard 0 only
+    spec = json.loads(next(p for p in new_logs if p.name.endswith(".spec.json")).read_text())
+    assert spec["i2d"]["distributor"] == "ray" and [e["id"] for e in spec["plan"]] == [0]
     assert _ledger_by_caption(out) == by_caption
     assert len(_samples(out)) == stats["kept"]
 
