@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from curate.cli import app
-from image_shards_fixture import neardup_shards, score_shard
+from image_shards_fixture import neardup_shards
 
 runner = CliRunner()
 
@@ -59,11 +59,16 @@ def test_unknown_yaml_key_is_named(shards, tmp_path) -> None:
     assert result.exit_code == 2 and "unknown key 'distanse'" in result.output
 
 
-def test_score_nsfw_end_to_end(tmp_path, ray_local) -> None:
-    shard = score_shard(tmp_path / "shards", names=("astronaut", "coffee"))
-    out = tmp_path / "scored"
-    result = runner.invoke(app, ["score", "-i", str(shard.parent), "-o", str(out), "--nsfw", "--actors", "1"])
+def test_near_dup_then_score_without_copying(shards, tmp_path, ray_local) -> None:
+    # `score` on a near-dup output folder scores the kept samples of the original shards.
+    nd = tmp_path / "nd"
+    result = runner.invoke(app, ["near-dup", "-i", str(shards), "-o", str(nd), "--placeholder-hosts", "3"])
     assert result.exit_code == 0, result.output
-    table = pq.read_table(out / "00000.parquet")
-    assert table.num_rows == 2 and all(0 <= p < 0.2 for p in table["punsafe"].to_pylist())
-    assert "score: 3 rows in" in result.output
+    assert not list(nd.glob("*.tar"))
+    out = tmp_path / "scored"
+    result = runner.invoke(app, ["score", "-i", str(nd), "-o", str(out), "--nsfw", "--actors", "1"])
+    assert result.exit_code == 0, result.output
+    scored = pq.read_table(out)
+    assert sorted(scored["key"].to_pylist()) == sorted(pq.read_table(nd / "keep.parquet")["key"].to_pylist())
+    assert all(0 <= p < 0.2 for p in scored["punsafe"].to_pylist())
+    assert "score: 4 rows in" in result.output
