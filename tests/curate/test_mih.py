@@ -73,14 +73,18 @@ def test_distinct_pairs_equal_brute_force(d: int, bands: str | None) -> None:
     assert len(got[0]) == len(want[0]) > (0 if d else -1)
 
 
-def test_giant_runs_are_solved_by_recursion_not_pairs() -> None:
-    # 4096 distinct hashes that all share their high 52 bits: every band-key of the high
+def test_giant_runs_are_solved_by_recursion_not_pairs(monkeypatch) -> None:
+    # 2048 distinct hashes that all share their high 52 bits: every band-key of the high
     # bits is one giant run. Recursion must find exactly the brute-force pairs.
-    low = np.arange(4096, dtype=np.uint64)
+    low = np.arange(2048, dtype=np.uint64)
     h = (np.uint64(0xABCDE) << np.uint64(44)) | (low * np.uint64(0x9E3779B1) & np.uint64(0xFFF))
     h = np.unique(h)
+    calls = []
+    real = mih.compact_bits
+    monkeypatch.setattr(mih, "compact_bits", lambda v, m: calls.append(v.size) or real(v, m))
     got = mih.distinct_pairs(h, 2, max_run=64)
     assert as_set(*got) == as_set(*mih.brute_force_pairs(h, 2))
+    assert calls and max(calls) > 64  # the giant runs went to recursion
 
 
 def test_union_find_matches_scipy_components() -> None:
