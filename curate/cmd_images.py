@@ -50,7 +50,7 @@ def score(
     aesthetic_model: Optional[str] = typer.Option(None, "--aesthetic-model", help="LAION aesthetic predictor v2 checkpoint (sac+logos+ava1-l14-linearMSE.pth); needs --clip-model"),
     watermark_model: Optional[str] = typer.Option(None, "--watermark-model", help="LAION watermark detector checkpoint (watermark_model_v1.pt)"),
     watermark_arch: Optional[str] = typer.Option(None, "--watermark-arch", help="timm backbone of the watermark checkpoint [default: efficientnet_b3a]"),
-    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="open_clip checkpoint (state dict / .safetensors): `similarity`, and embeddings for --aesthetic-model"),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP checkpoint: open_clip state dict, .safetensors or OpenAI's TorchScript ViT-L-14.pt; gives `similarity` and the embeddings for --aesthetic-model"),
     clip_arch: Optional[str] = typer.Option(None, "--clip-arch", help="open_clip architecture of --clip-model [default: ViT-L-14]"),
     clip_quick_gelu: Optional[bool] = typer.Option(None, "--clip-quick-gelu/--no-clip-quick-gelu", help="QuickGELU, as OpenAI's CLIP weights need [default: on]"),
     clip_config: Optional[str] = typer.Option(None, "--clip-config", help="open_clip config JSON for an architecture open_clip does not ship (its file name is the arch)"),

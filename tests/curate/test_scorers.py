@@ -127,3 +127,26 @@ def test_nsfw_real_model_scores_safe_photos_low_and_distinct() -> None:
     assert np.unique(np.round(scores, 6)).size == 4  # a real model: one score per image, not a constant
     with pytest.raises(ScorerError, match="NSFW ONNX checkpoint not found"):
         nsfw.load_nsfw("/nonexistent/open_nsfw.onnx")
+
+
+def test_clip_loads_openai_torchscript_archive(tmp_path) -> None:
+    # OpenAI's own release (`clip.load` downloads ViT-L-14.pt) is a TorchScript archive: the
+    # loader rebuilds the model from its weights. A tiny QuickGELU CLIP, scripted and saved.
+    import open_clip
+
+    cfg = dict(TINY_CLIP, quick_gelu=True, text_cfg=dict(TINY_CLIP["text_cfg"], heads=1))  # OpenAI: width/64 heads
+    _, _ = tiny_clip_files(tmp_path, "tessera-tiny-openai", cfg)
+    torch.manual_seed(5)
+    original = open_clip.create_model("tessera-tiny-openai").eval()
+    archive = tmp_path / "ViT-L-14.pt"
+    torch.jit.save(torch.jit.script(original), str(archive))
+    assert clip_sim.is_torchscript(archive) and not clip_sim.is_torchscript(tmp_path / "tessera-tiny-openai.pt")
+    clip = clip_sim.load_clip(archive, "tessera-tiny-openai")
+    images = [photo("astronaut"), photo("coffee")]
+    batch = torch.stack([clip.preprocess(im) for im in images])
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(original.encode_image(batch), dim=-1)
+        ref_txt = torch.nn.functional.normalize(original.encode_text(clip.tokenizer(["a", "b"])), dim=-1)
+    # OpenAI's weights are fp16: the loader stores them so, hence the fp16-sized tolerance.
+    assert torch.allclose(clip_sim.embed_images(clip, images), ref, atol=5e-3)
+    assert torch.allclose(clip_sim.embed_texts(clip, ["a", "b"]), ref_txt, atol=5e-3)
