@@ -16,6 +16,8 @@ parts and marks them done. A shard that fails verification is left unmarked: rer
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -247,7 +249,8 @@ def download_batch(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: dict, e
     shutil.rmtree(staging, ignore_errors=True)  # a killed run's partial shards are never reused
     staging.mkdir()
     rc = run_worker(rd, worker_spec(cfg, staging, columns, plan, entries), staging, len(entries))
-    failed = [c for c in (finish_shard(rd, plan, e, staging, cfg) for e in entries) if not c.ok]
+    children = retry_children(plan)
+    failed = [c for c in (finish_shard(rd, plan, e, staging, cfg, children) for e in entries) if not c.ok]
     if rc != 0:
         for c in failed:
             c.problems.append(f"img2dataset worker exited with code {rc} (see {rd.path / '_logs'})")
@@ -258,7 +261,8 @@ def download_batch(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: dict, e
 # ---------------------------------------------------------------- verify, promote, account
 
 
-def finish_shard(rd: RunDir, plan: dict, entry: dict, staging: Path, cfg: DownloadConfig) -> ShardCheck:
+def finish_shard(rd: RunDir, plan: dict, entry: dict, staging: Path, cfg: DownloadConfig,
+                 children: dict[int, list[int]] | None = None) -> ShardCheck:
     """Verify a staged shard; if good move it to the top level, rebuild ledgers, mark done."""
     name = shard_name(entry["id"], plan["digits"])
     check = verify_shard(staging, name, entry["stop"] - entry["start"], caption=bool(cfg.caption_col))
@@ -266,22 +270,32 @@ def finish_shard(rd: RunDir, plan: dict, entry: dict, staging: Path, cfg: Downlo
         return check
     for src in shard_files(staging, name).values():
         os.replace(src, rd.path / src.name)  # same filesystem: atomic per file
+    children = retry_children(plan) if children is None else children
     for origin in entry.get("retry_of") or [entry["id"]]:
-        write_ledger_part(rd, plan, origin, extra_done={entry["id"]})
+        write_ledger_part(rd, plan, origin, children.get(origin, []), extra_done={entry["id"]})
     files = shard_files(rd.path, name)
     rd.mark_done(name, {"rows": check.rows, "kept": check.kept, "retry_of": entry.get("retry_of"),
                         **{f"{k}_bytes": p.stat().st_size for k, p in files.items()}})
     return check
 
 
-def write_ledger_part(rd: RunDir, plan: dict, shard_id: int, extra_done: set[int] = frozenset()) -> None:
+def retry_children(plan: dict) -> dict[int, list[int]]:
+    """original shard id -> ids of the retry shards holding some of its rows, in order."""
+    out: dict[int, list[int]] = {}
+    for e in plan["shards"]:
+        for origin in e.get("retry_of") or ():
+            out.setdefault(origin, []).append(e["id"])
+    return out
+
+
+def write_ledger_part(rd: RunDir, plan: dict, shard_id: int, children: list[int], extra_done: set[int] = frozenset()) -> None:
     """Rebuild the ledger part of original shard `shard_id` from its parquet and its finished retries."""
     entry = plan["shards"][shard_id]
     digits = plan["digits"]
     retries = [
-        rd.path / f"{shard_name(e['id'], digits)}.parquet"
-        for e in plan["shards"]
-        if shard_id in (e.get("retry_of") or ()) and (e["id"] in extra_done or rd.is_done(shard_name(e["id"], digits)))
+        rd.path / f"{shard_name(c, digits)}.parquet"
+        for c in children
+        if c in extra_done or rd.is_done(shard_name(c, digits))
     ]
     own = rd.path / f"{shard_name(shard_id, digits)}.parquet"
     ledger.write(rd.path, shard_name(shard_id, digits), download_ledger.build_part(entry, own, retries))
@@ -353,22 +367,35 @@ def run(cfg: DownloadConfig, inp: str, out: str) -> dict[str, Any]:
     files = list_inputs(inp)
     columns = input_columns(cfg, files)
     rd = RunDir.open(out, "download", identity(cfg, inp, files))
-    plan = load_plan(rd, cfg, files)
-    failed = run_pending(rd, cfg, columns, plan)
-    if cfg.retry_failed and not failed:
-        new = plan_retries(rd, cfg, columns, plan)
-        failed = download_batch(rd, cfg, columns, plan, new) if new else []
-    if failed:
-        raise DownloadIncomplete(incomplete_message(rd, failed))
-    return write_stats(rd, plan)
+    with exclusive(rd.path):
+        plan = load_plan(rd, cfg, files)
+        failed = run_pending(rd, cfg, columns, plan)
+        if cfg.retry_failed and not failed:
+            new = plan_retries(rd, cfg, columns, plan)
+            failed = download_batch(rd, cfg, columns, plan, new) if new else []
+        if failed:
+            raise DownloadIncomplete(incomplete_message(rd, failed))
+        return write_stats(rd, plan)
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """One run per output folder: a second one would clear the first one's staging area."""
+    with open(folder / "_lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{folder}: another curate download is running on this folder") from None
+        yield
 
 
 def run_pending(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: dict) -> list[ShardCheck]:
     todo = pending(rd, plan)
+    children = retry_children(plan)
     for e in plan["shards"]:  # a ledger part lost after its shard was done is rebuilt
         name = shard_name(e["id"], plan["digits"])
         if "retry_of" not in e and rd.is_done(name) and not (rd.path / ledger.LEDGER_DIR / f"{name}.parquet").is_file():
-            write_ledger_part(rd, plan, e["id"])
+            write_ledger_part(rd, plan, e["id"], children.get(e["id"], []))
     return download_batch(rd, cfg, columns, plan, todo) if todo else []
 
 

@@ -17,6 +17,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^too_large:", "too_large"),
         (r"^too_many_pixels:", "too_many_pixels"),
         (r"^aspect_ratio:", "aspect_ratio"),
+        (r"^bad_url:", "bad_url"),
         (r"X-Robots-Tag", "x_robots_tag"),
         (r"HTTP Error (\d{3})", "http_{0}"),
         (r"timed? ?out", "timeout"),

@@ -91,6 +91,8 @@ def fetch(url: str, timeout: float, token: str | None, disallowed, limits: Limit
 
     `disallowed` / `is_disallowed` are img2dataset's X-Robots-Tag directives and checker,
     passed in so its opt-out semantics stay exactly as upstream."""
+    if not isinstance(url, str) or not url.strip():
+        raise LimitError(f"bad_url: {url!r}")
     deadline = time.monotonic() + limits.max_seconds
     request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent(token)})
     with urllib.request.urlopen(request, timeout=timeout) as r:

@@ -123,6 +123,9 @@ def test_download_with_retry_retries_transient_failures_only():
         assert stream is None and "503" in err and s.hits["busy.jpg"] == 3
         _, stream, err = download_with_retry((2, gone), 5, 2, "tessera", None, LIMITS)
         assert "404" in err and s.hits["gone.jpg"] == 1  # permanent: asked once
+        for empty in (None, " "):  # a null URL in the metadata is a ledger entry, not a crash
+            _, stream, err = download_with_retry((3, empty), 5, 2, "tessera", None, LIMITS)
+            assert stream is None and classify("failed_to_download", err) == "bad_url"
 
 
 # ---------------------------------------------------------------- config and plan
@@ -245,3 +248,12 @@ def test_ray_distributor_is_chosen_by_address(monkeypatch, tmp_path):
     spec = dl.worker_spec(dl.DownloadConfig(), tmp_path, cols, plan, [{"file": "f"}])
     assert spec["ray_address"] == "10.0.0.1:6379"
     json.dumps(spec)  # the worker reads it back as JSON
+
+
+def test_one_run_per_output_folder(tmp_path):
+    _input(tmp_path / "in", "a.parquet", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    with dl.exclusive(out):
+        with pytest.raises(ConfigError, match="another curate download is running"):
+            dl.run(dl.DownloadConfig(), str(tmp_path / "in"), str(out))
