@@ -59,16 +59,27 @@ def test_unknown_yaml_key_is_named(shards, tmp_path) -> None:
     assert result.exit_code == 2 and "unknown key 'distanse'" in result.output
 
 
-def test_near_dup_then_score_without_copying(shards, tmp_path, ray_local) -> None:
-    # `score` on a near-dup output folder scores the kept samples of the original shards.
+def test_near_dup_then_score_on_ray_actors_without_copying(shards, tmp_path, ray_local) -> None:
+    # `score` on a near-dup output folder scores the kept samples of the original shards,
+    # in a Ray actor that loads a tiny CLIP from its config JSON + checkpoint and the NSFW model.
+    from scorer_models_fixture import TINY_CLIP_NAME, tiny_clip_files
+
+    clip_cfg, clip_ckpt = tiny_clip_files(tmp_path)
     nd = tmp_path / "nd"
     result = runner.invoke(app, ["near-dup", "-i", str(shards), "-o", str(nd), "--placeholder-hosts", "3"])
     assert result.exit_code == 0, result.output
     assert not list(nd.glob("*.tar"))
     out = tmp_path / "scored"
-    result = runner.invoke(app, ["score", "-i", str(nd), "-o", str(out), "--nsfw", "--actors", "1"])
+    args = ["score", "-i", str(nd), "-o", str(out), "--nsfw", "--actors", "1", "--clip-model", str(clip_ckpt),
+            "--clip-arch", TINY_CLIP_NAME, "--clip-config", str(clip_cfg), "--no-clip-quick-gelu"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    scored = pq.read_table(out)
-    assert sorted(scored["key"].to_pylist()) == sorted(pq.read_table(nd / "keep.parquet")["key"].to_pylist())
-    assert all(0 <= p < 0.2 for p in scored["punsafe"].to_pylist())
     assert "score: 4 rows in" in result.output
+    scored = {r["key"]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(scored) == sorted(pq.read_table(nd / "keep.parquet")["key"].to_pylist())
+    assert all(0 <= r["punsafe"] < 0.2 and -1 <= r["similarity"] <= 1 for r in scored.values())
+    assert scored["000010000"]["aesthetic"] == 6.5  # not computed: the json's value is kept
+    marker = out / "_done" / "score.00001.json"
+    before = marker.stat().st_mtime_ns
+    again = runner.invoke(app, args)  # rerun: every shard done, no actor started
+    assert again.exit_code == 0 and marker.stat().st_mtime_ns == before
