@@ -140,3 +140,19 @@ def test_placeholder_hashes_counts_distinct_hosts() -> None:
     assert neardup.placeholder_hashes(ph, hosts, 2) == {7: 2}
     assert neardup.placeholder_hashes(ph, hosts, 3) == {}
     assert neardup.placeholder_hashes(ph, hosts, 0) == {}
+
+
+def test_truncated_tar_keeps_what_it_can_and_fails_the_rest(shards, tmp_path) -> None:
+    import shutil
+
+    damaged = tmp_path / "00001.tar"
+    data = (shards / "00001.tar").read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])  # cut mid-shard, as a killed download leaves it
+    shutil.copy(shards / "00001.parquet", tmp_path / "00001.parquet")
+    info = neardup.hash_shard(damaged, tmp_path / "_hashes" / "00001.parquet", 10**8)
+    rows = pq.read_table(tmp_path / "_hashes" / "00001.parquet").to_pylist()
+    assert info["damaged"] and info["rows"] == len(rows) == 7  # 6 listed + 1 extra success in the parquet
+    read = [r for r in rows if r["error"] is None]
+    lost = [r for r in rows if r["error"] is not None]
+    assert read and lost and all(r["phash"] is not None for r in read)
+    assert all(r["error"].startswith("missing from 00001.tar:") for r in lost)
