@@ -44,7 +44,7 @@ def run_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps of the stage."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch (all GPUs, per optimizer step)."),
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Per-GPU micro-batch; accumulation fills the global batch."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key: --set optim.lr=3e-4 --set ema.enabled=true."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any config key: --set optim.lr=3.0e-4 --set ema.enabled=true (floats need a dot: YAML reads 3e-4 as text)."),
 ) -> None:
     """Train STAGE, resuming from the latest checkpoint in its run folder."""
     from train.stages import load_stage

@@ -43,9 +43,10 @@ class EMA:
         if step % self.cfg.every:
             return
         d = ema_decay(self.updates, self.cfg)
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1 - d)
+        params = dict(model.named_parameters())
+        names = list(self.shadow)
+        # One fused multi-tensor kernel instead of a launch per tensor (867 of them in the 1B model).
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1 - d)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

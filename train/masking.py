@@ -48,9 +48,10 @@ def mask_tokens(
     b = codes.shape[0]
     flat = codes.reshape(b, -1)
     k = num_masked(mask_rate(t), flat.shape[1]).to(codes.device)  # (B,)
-    # Noise is drawn on the CPU generator (reproducible across devices), then moved.
-    scores = torch.rand(flat.shape, generator=generator).to(codes.device)
-    ranks = scores.argsort(dim=1).argsort(dim=1)  # (B, L) rank of each position
+    # Noise is drawn on the generator's device (the training device: no host-device copy,
+    # so no synchronisation inside the step).
+    scores = torch.rand(flat.shape, generator=generator, device=_device(generator, codes.device))
+    ranks = scores.to(codes.device).argsort(dim=1).argsort(dim=1)  # (B, L) rank of each position
     mask = ranks < k[:, None]
     masked = torch.where(mask, torch.full_like(flat, mask_id), flat)
     return masked.view_as(codes), mask.view_as(codes)
@@ -71,14 +72,18 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
     return F.cross_entropy(picked, targets.reshape(-1)[flat_mask])
 
 
+def _device(generator: torch.Generator | None, default: torch.device | str = "cpu") -> torch.device:
+    return generator.device if generator is not None else torch.device(default)
+
+
 def sample_t(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U(0, 1) per sample -> (B,)."""
-    return torch.rand(batch, generator=generator)
+    """t ~ U(0, 1) per sample -> (B,), on the generator's device."""
+    return torch.rand(batch, generator=generator, device=_device(generator))
 
 
 def cfg_drop_mask(batch: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Which samples lose their caption: (B,) bool, each True with probability p."""
-    return torch.rand(batch, generator=generator) < p
+    return torch.rand(batch, generator=generator, device=_device(generator)) < p
 
 
 def apply_cfg_dropout(

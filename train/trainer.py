@@ -64,11 +64,16 @@ def build_text_encoder(cfg: StageConfig, device: torch.device) -> TextEncoder:
     return TextEncoder.from_checkpoint(cfg.text.checkpoint, device=device)
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The masking / CFG-dropout noise of one optimizer step on one rank: a pure function of
-    (seed, step, rank), so a resumed run draws exactly what the uninterrupted one drew."""
+    (seed, step, rank), so a resumed run draws exactly what the uninterrupted one drew. It lives
+    on the training device, so drawing noise never synchronises host and GPU."""
     state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -158,15 +163,16 @@ class Trainer:
         """Move a batch to the device and encode its captions with the frozen text encoder."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             hidden, pooled = self.text.encode(batch.captions)
+        pin = self.device.type == "cuda"  # pinned host memory makes the copies truly asynchronous
         return StepInputs(
-            codes=batch.codes.to(self.device, non_blocking=True),
+            codes=_to(batch.codes, self.device, pin),
             hidden=hidden.float(), pooled=pooled.float(),
-            micro_conds=batch.micro_conds.to(self.device, non_blocking=True),
+            micro_conds=_to(batch.micro_conds, self.device, pin),
         )
 
     def train_step(self, inputs: list[StepInputs], step: int) -> dict[str, torch.Tensor | float]:
         """One optimizer step over `accum` micro-batches. Returns device tensors (no host sync)."""
-        gen = step_generator(self.cfg.seed, step, self.dist.rank)
+        gen = step_generator(self.cfg.seed, step, self.dist.rank, self.device)
         total = torch.zeros((), device=self.device)
         for i, inp in enumerate(inputs):
             with distributed.no_sync(self.model, last=i == len(inputs) - 1):
