@@ -186,14 +186,15 @@ class Decisions:
     distance: np.ndarray  # int64: Hamming distance to the kept image of the group (-1: none)
 
 
-def placeholder_hashes(phash: np.ndarray, host: np.ndarray, threshold: int) -> dict[int, int]:
-    """pHash -> distinct host count, for hashes seen under >= `threshold` distinct hosts."""
+def placeholder_hashes(phash: np.ndarray, host_code: np.ndarray, threshold: int) -> dict[int, int]:
+    """pHash -> distinct host count, for hashes seen under >= `threshold` distinct hosts.
+    `host_code`: an integer per distinct host (see `codes`), -1 where there is none."""
     if threshold <= 0 or phash.size == 0:
         return {}
-    has_host = np.array([h is not None for h in host], dtype=bool)
+    has_host = host_code >= 0
     if not has_host.any():
         return {}
-    host_code = codes(pa.chunked_array([pa.array(host[has_host].tolist(), pa.string())]))
+    host_code = host_code[has_host].astype(np.int64)
     values, hash_code = np.unique(phash[has_host], return_inverse=True)
     # One int64 per (hash, host) pair, so distinct pairs are a plain integer unique.
     pair = np.unique(hash_code.astype(np.int64) * (int(host_code.max()) + 1) + host_code)
@@ -222,8 +223,10 @@ def kept_rows(group: np.ndarray, aesthetic: np.ndarray, area: np.ndarray, key_ra
 
 
 def codes(column: pa.ChunkedArray) -> np.ndarray:
-    """Integer code per row, equal exactly when the strings are equal (arrow hash encoding)."""
-    return column.fill_null("").combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    """Integer code per row, equal exactly when the strings are equal (arrow hash encoding);
+    -1 for null. No Python string per row is made (memory: the driver holds every row)."""
+    indices = column.combine_chunks().dictionary_encode().indices
+    return indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def key_ranks(table: pa.Table) -> np.ndarray:
@@ -239,15 +242,14 @@ def key_ranks(table: pa.Table) -> np.ndarray:
 def decide(table: pa.Table, cfg: NearDupConfig) -> Decisions:
     """Ledger outcome of every hash row (see module doc for the order of the rules)."""
     n = table.num_rows
-    error = np.array(table["error"].to_pylist(), dtype=object)
     phash = table["phash"].fill_null(0).to_numpy().astype(np.uint64)
     out = Decisions(np.full(n, "kept", object), np.full(n, None, object), np.full(n, None, object),
                     np.full(n, None, object), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
-    failed = np.array([e is not None for e in error], dtype=bool)
-    out.state[failed], out.reason[failed] = "failed", error[failed]
+    failed = table["error"].is_valid().to_numpy(zero_copy_only=False)
+    out.state[failed] = "failed"
+    out.reason[failed] = table["error"].filter(pa.array(failed)).to_pylist()
     ok = np.flatnonzero(~failed)
-    hosts = np.array(table["host"].to_pylist(), dtype=object)[ok]
-    placeholders = placeholder_hashes(phash[ok], hosts, cfg.placeholder_hosts)
+    placeholders = placeholder_hashes(phash[ok], codes(table["host"])[ok], cfg.placeholder_hosts)
     is_ph = np.isin(phash[ok], np.array(list(placeholders), dtype=np.uint64))
     ph_rows = ok[is_ph]
     out.state[ph_rows], out.reason[ph_rows] = "filtered", "placeholder"
@@ -266,13 +268,12 @@ def _group_and_keep(table: pa.Table, rows: np.ndarray, phash: np.ndarray, cfg: N
     width = table["width"].fill_null(0).to_numpy().astype(np.int64)[rows]
     height = table["height"].fill_null(0).to_numpy().astype(np.int64)[rows]
     kept = rows[kept_rows(group, aesthetic, width * height, key_ranks(table)[rows])]
-    all_keys = np.array(table["key"].to_pylist(), dtype=object)
     out.group[rows] = group
     out.distance[rows] = mih.hamming(phash[rows], phash[kept]).astype(np.int64)
     dup = rows[kept != rows]
     dup_kept = kept[kept != rows]
     out.state[dup] = "duplicate"
-    out.ref[dup] = all_keys[dup_kept]
+    out.ref[dup] = table["key"].take(pa.array(dup_kept)).to_pylist()
     out.reason[dup] = np.where(sha_code[dup] == sha_code[dup_kept], "sha256", "phash")
     out.value[dup] = [f"distance {d}" for d in out.distance[dup]]
 

@@ -136,7 +136,8 @@ def test_kept_rows_rule_order() -> None:
 
 def test_placeholder_hashes_counts_distinct_hosts() -> None:
     ph = np.array([7, 7, 7, 7, 9], dtype=np.uint64)
-    hosts = np.array(["a", "a", "b", None, "a"], dtype=object)
+    hosts = neardup.codes(pa.chunked_array([pa.array(["a", "a", "b", None, "a"])]))
+    assert hosts.tolist() == [0, 0, 1, -1, 0]
     assert neardup.placeholder_hashes(ph, hosts, 2) == {7: 2}
     assert neardup.placeholder_hashes(ph, hosts, 3) == {}
     assert neardup.placeholder_hashes(ph, hosts, 0) == {}
