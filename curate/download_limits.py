@@ -110,10 +110,7 @@ def probe(data: bytes) -> Header:
     saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            try:
-                orientation = int(im.getexif().get(0x0112, 1) or 1)
-            except Exception:  # noqa: BLE001  (a broken EXIF block is not a broken image)
-                orientation = 1
+            orientation = _orientation(im) if "exif" in im.info else 1  # skip the parse when absent
             high = any(";16" in str(getattr(t, "args", "")) for t in (im.tile or []))
             return Header(im.format, im.mode, im.width, im.height, orientation, high)
     except Image.UnidentifiedImageError as exc:  # zero bytes, an HTML page, an unknown format
@@ -159,3 +156,10 @@ def normalize(data: bytes) -> bytes:
         im.save(out, "PNG", compress_level=1)
         return out.getvalue()
 
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001  (a broken EXIF block is not a broken image)
+        return 1
