@@ -28,8 +28,17 @@ def _run(data, run_dir, *extra):
 
 
 @pytest.fixture
-def trained(tmp_path, code_folder):
-    result = _run(code_folder, tmp_path / "run", "--set", "sample.every=2", "--set", "sample.steps=3")
+def tiny_vq(tmp_path):
+    """A tiny VQ (f4, 16 codes) saved to disk, loaded back through core.vq by the code under test."""
+    from core.vq import build_vq, save_vq, tiny_vq_config
+
+    return save_vq(build_vq(tiny_vq_config(codebook=16, downsample=4)), tmp_path / "vq")
+
+
+@pytest.fixture
+def trained(tmp_path, code_folder, tiny_vq):
+    result = _run(code_folder, tmp_path / "run", "--set", "sample.every=2", "--set", "sample.steps=3",
+                  "--set", "sample.decode=vq", "--set", f"sample.vq={tiny_vq}")
     assert result.exit_code == 0, result.output
     return tmp_path / "run"
 
@@ -37,7 +46,9 @@ def trained(tmp_path, code_folder):
 def test_run_writes_run_folder(trained):
     assert (trained / "_config.yaml").is_file() and (trained / "metrics.jsonl").is_file()
     assert (trained / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
-    assert (trained / "samples" / "step_00000002.png").is_file() and (trained / "loss.png").is_file()
+    assert (trained / "loss.png").is_file()
+    # 4 fixed prompts decoded by the VQ: 2x2 cells of 16x16 px (4x4 codes, f4)
+    assert np.asarray(Image.open(trained / "samples" / "step_00000002.png")).shape == (32, 32, 3)
 
 
 def test_sample_codes_and_vq(trained, tmp_path):
@@ -47,14 +58,11 @@ def test_sample_codes_and_vq(trained, tmp_path):
     result = runner.invoke(app, args + ["--decode", "codes"])
     assert result.exit_code == 0, result.output
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)  # 2x2 cells of 4x4 codes x 8 px
-    # No VQ at the manifest's tokenizer path: a clear error, exit 2.
-    result = runner.invoke(app, args)
+    # No VQ where --vq points: a clear error, exit 2.
+    result = runner.invoke(app, args + ["--vq", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "error" in result.output
-    # A tiny VQ (f4, 16 codes) saved to disk and loaded back through core.vq.
-    from core.vq import build_vq, save_vq, tiny_vq_config
-
-    vq_dir = save_vq(build_vq(tiny_vq_config(codebook=16, downsample=4)), tmp_path / "vq")
-    result = runner.invoke(app, args + ["--vq", str(vq_dir)])
+    # Default: the VQ the run recorded (sample.vq here; else the data manifest's tokenizer path).
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert np.asarray(Image.open(out)).shape == (32, 32, 3)  # 2x2 cells of 16x16 px
 
