@@ -42,3 +42,15 @@ def test_rng_state_roundtrip(tmp_path):
     ckpt.set_rng_state(ckpt.load_state(ckpt.latest(tmp_path))["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_metrics_survive_a_cut_last_line_and_truncate_on_resume(tmp_path):
+    from train.metrics import METRICS, MetricsLog, read_records
+
+    (tmp_path / METRICS).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_records(tmp_path)] == [1, 2]
+    log = MetricsLog(tmp_path, enabled=True, resume_step=1, tensorboard=False)
+    log.log({"step": 2, "loss": 1.0})
+    log.close()
+    assert [(r["step"], r["loss"]) for r in read_records(tmp_path)] == [(1, 2.0), (2, 1.0)]
+    assert log.plot().is_file()
