@@ -94,6 +94,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return origin(items)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string: accept numeric text for numeric fields.
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}") from None
     if hint is float and isinstance(value, str) and _FLOAT_RE.match(value):
         return float(value)  # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string
     if hint is int and isinstance(value, float) and value.is_integer():

@@ -98,3 +98,19 @@ def test_parse_sets():
     assert config.parse_sets(["optim.lr=3e-4", "steps=10", "name=abc"]) == {"optim": {"lr": 3e-4}, "steps": 10, "name": "abc"}
     with pytest.raises(ConfigError, match="--set expects key=value"):
         config.parse_sets(["oops"])
+
+
+def test_numeric_text_is_accepted_for_numeric_fields() -> None:
+    """YAML reads `3e-4` as a string; `--set optim.lr=3e-4` must still mean 0.0003."""
+    from dataclasses import dataclass
+
+    from core.config import ConfigError, build, parse_sets
+
+    @dataclass
+    class Optim:
+        lr: float = 1.0e-4
+        steps: int = 10
+
+    assert build(Optim, parse_sets(["lr=3e-4", "steps=20"])) == Optim(lr=3e-4, steps=20)
+    with pytest.raises(ConfigError, match="Optim.lr: expected float"):
+        build(Optim, {"lr": "fast"})
