@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/download.py [--small] [--images N] [--repeats R] [--processes P]
 
-Generated JPEGs are served by a threaded loopback server (tests/curate/httpserver.py). Each
+Generated JPEGs are served by a threaded loopback server (tests/curate/httpserver.py) in a
+process of its own (so neither variant's parent shares a GIL with the server). Each
 repeat runs both variants on the same input parquet, alternating which goes first, into
 fresh folders. Plain img2dataset gets the same settings (webdataset, size, resize mode,
 processes, threads, sha256, retries, user agent, extra columns), run in its own guarded
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -38,6 +40,7 @@ import httpserver as hs  # noqa: E402
 from curate import download as dl  # noqa: E402
 
 IMAGE_SIZE, SHARD = 256, 500
+SERVER_PID: int | None = None  # the image server's process, left out of the RSS figures
 
 
 def baseline_main(spec_path: str) -> None:
@@ -47,10 +50,18 @@ def baseline_main(spec_path: str) -> None:
     img2dataset.download(**json.loads(Path(spec_path).read_text()))
 
 
-def make_input(folder: Path, server: hs.ImageServer, n: int) -> Path:
+def serve(port_queue, stop) -> None:
+    """Server process: 64 distinct generated JPEGs behind gen/<i>.jpg until `stop` is set."""
+    images = [hs.jpeg(384, 288, seed=s) for s in range(64)]
+    with hs.ImageServer(gen_images=images) as server:
+        port_queue.put((server.port, sum(map(len, images)) // len(images)))
+        stop.wait()
+
+
+def make_input(folder: Path, port: int, n: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
-        "URL": [server.url(f"gen/{i}.jpg") for i in range(n)],
+        "URL": [f"http://127.0.0.1:{port}/gen/{i}.jpg" for i in range(n)],
         "TEXT": [f"a generated picture number {i}" for i in range(n)],
         "aesthetic": [5.0 + (i % 10) / 10 for i in range(n)],
         "pwatermark": [0.1] * n,
@@ -70,6 +81,8 @@ class PeakRSS:
         while not self._stop.wait(0.2):
             total = 0
             for p in me.children(recursive=True):
+                if p.pid == SERVER_PID:
+                    continue
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
@@ -137,13 +150,19 @@ def main() -> None:
     n, repeats = (600, 1) if args.small else (args.images, args.repeats)
     cfg = dl.DownloadConfig(image_size=IMAGE_SIZE, processes=args.processes, threads=args.threads,
                             samples_per_shard=SHARD, metadata_columns=["aesthetic", "pwatermark"])
-    images = [hs.jpeg(384, 288, seed=s) for s in range(64)]
+    ctx = multiprocessing.get_context("spawn")
+    port_queue, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=serve, args=(port_queue, stop), daemon=True)
+    server.start()
+    global SERVER_PID
+    SERVER_PID = server.pid
+    port, size = port_queue.get(timeout=120)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-          f"load {os.getloadavg()[0]:.1f}; {n} images of ~{sum(map(len, images)) // len(images) // 1024} KB, "
+          f"load {os.getloadavg()[0]:.1f}; {n} images of ~{size // 1024} KB, "
           f"{args.processes} processes x {args.threads} threads, {repeats} repeats")
     results: dict[str, list[dict]] = {"curate": [], "plain": []}
-    with hs.ImageServer(gen_images=images) as server, tempfile.TemporaryDirectory() as tmp:
-        inp = make_input(Path(tmp) / "in", server, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = make_input(Path(tmp) / "in", port, n)
         for r in range(repeats):
             order = ("plain", "curate") if r % 2 == 0 else ("curate", "plain")
             for name in order:
@@ -153,6 +172,8 @@ def main() -> None:
                 print(f"  repeat {r} {name:6s}: {res['wall']:6.1f} s wall, {n / res['wall']:6.1f} img/s end-to-end, "
                       f"{res['phase']:6.1f} img/s download phase, kept {res['kept']}, peak RSS {res['rss'] / 2**20:,.0f} MiB")
                 shutil.rmtree(out)
+    stop.set()
+    server.join(timeout=10)
     report(results, n)
 
 
