@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: paths in errors stay copyable
 SUBSECTIONS = ("check", "fit_vq")  # nested under `pretokenize:` in pipelines.yaml
 USER_ERRORS = (C.ConfigError, VQError, CodeShardError, FileNotFoundError)
 

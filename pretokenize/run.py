@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Callable
 
 from core import codeshard, ledger
@@ -22,9 +22,9 @@ from core.progress import make_progress
 from core.rundir import RunDir
 from core.vq import grid_shape, vq_info
 from pretokenize.preprocess import CROPS
-from pretokenize.worker import STEP, EncodeSettings, encode_shard
+from pretokenize.worker import STEP, EncodeSettings, encode_shard, shard_stem
 
-DTYPES = {"fp32": None}  # --dtype name -> autocast name for the encoder (see docs: why no bf16)
+DTYPES = ("fp32",)  # encoder precisions offered (bf16 changed >0.1% of codes: docs/pretokenize.md)
 EXECUTORS = ("ray", "local")
 
 
@@ -62,8 +62,7 @@ class PretokenizeConfig:
             raise ValueError("num_actors, cpus_per_actor and decode_threads must be >= 0 (0 = auto)")
 
     def settings(self, decode_threads: int) -> EncodeSettings:
-        return EncodeSettings(self.res, self.crop, self.seed, self.batch_size, decode_threads,
-                              self.prefetch_batches, DTYPES[self.dtype])
+        return EncodeSettings(self.res, self.crop, self.seed, self.batch_size, decode_threads, self.prefetch_batches)
 
 
 @dataclass(frozen=True)
@@ -85,12 +84,6 @@ def plan_actors(cfg: PretokenizeConfig, cpus: int, gpus: int, n_shards: int) -> 
         count = cfg.num_actors or max(1, cpus // num_cpus)
     count = max(1, min(count, n_shards))
     return ActorPlan(count, num_cpus, 1 if gpus > 0 else 0, cfg.decode_threads or num_cpus)
-
-
-def shard_stem(name: str) -> str:
-    """'/x/00012.tar', '00012.tar' or '00012' -> '00012' (how a keep list names a shard)."""
-    base = PurePath(str(name)).name
-    return base[: -len(".tar")] if base.endswith(".tar") else base
 
 
 def load_keep_list(path: str | os.PathLike) -> dict[str, frozenset[str]]:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,7 +37,12 @@ class EncodeSettings:
     batch_size: int  # images per encoder call
     decode_threads: int  # threads decoding/resizing images
     prefetch_batches: int  # batches decoded ahead of the encoder
-    autocast: str | None = None  # None = fp32; "bf16" = encoder under bf16 autocast
+
+
+def shard_stem(name: str) -> str:
+    """'/x/00012.tar', '00012.tar' or '00012' -> '00012' (output name; how a keep list names a shard)."""
+    base = PurePath(str(name)).name
+    return base[: -len(".tar")] if base.endswith(".tar") else base
 
 
 def score(meta: dict[str, Any], names: tuple[str, ...]) -> float | None:
@@ -123,18 +128,17 @@ def encode_shard(
     from core.vq import encode_codes
 
     tar = Path(tar)
-    stem = tar.name[: -len(".tar")] if tar.name.endswith(".tar") else tar.stem
+    stem = shard_stem(tar.name)
     if run.is_done(stem):
         return run.done_info(stem)
     started, report, writer = time.perf_counter(), ReadReport(str(tar)), ShardWriter()
     batch: list[np.ndarray] = []
-    autocast = {"bf16": _bf16(), None: None}[s.autocast]
 
     def flush() -> None:
         if batch:
             device = next(vq.parameters()).device
             pixels = preprocess.to_unit_tensor(np.stack(batch), device)  # (B, 3, res, res) in [0, 1]
-            writer.codes.append(encode_codes(vq, pixels, autocast).cpu().numpy().reshape(len(batch), -1))
+            writer.codes.append(encode_codes(vq, pixels).cpu().numpy().reshape(len(batch), -1))
             batch.clear()
 
     with ThreadPoolExecutor(max(1, s.decode_threads), thread_name_prefix="decode") as pool:
@@ -151,12 +155,6 @@ def encode_shard(
                 flush()
         flush()
     return _finish(run, tar, stem, writer, report, time.perf_counter() - started)
-
-
-def _bf16():
-    import torch
-
-    return torch.bfloat16
 
 
 def _finish(run: RunDir, tar: Path, stem: str, writer: ShardWriter, report: ReadReport,

@@ -101,3 +101,9 @@ def test_wrong_config_names_the_file(tmp_path, vq_dir):
     (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(V.VQError, match=r"safetensors: unreadable"):
         V.load_vq(bad)
+
+
+def test_autocast_encoder_keeps_shape(vq_dir):
+    vq = V.load_vq(vq_dir)
+    codes = V.encode_codes(vq, torch.rand(2, 3, 16, 16), autocast_dtype=torch.bfloat16)
+    assert codes.shape == (2, 4, 4) and codes.dtype == torch.long and int(codes.max()) < 64
