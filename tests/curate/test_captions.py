@@ -13,9 +13,12 @@ LONG = " ".join(f"w{i}" for i in range(60))  # 60 words
 
 
 def test_normalise_nfc_whitespace_and_word_count():
-    text, words = captions.normalise(pa.array(["  cafe\u0301\t\tau\u00a0lait \n", "", "   ", None, "one"]))
-    assert text.to_pylist() == ["caf\u00e9 au lait", "", "", None, "one"]
-    assert words.to_pylist() == [3, 0, 0, None, 1]
+    raw = ["  cafe\u0301\t\tau\u00a0lait \n", "", "   ", None, "one", " a  b\tc\n", "plain ascii words", "x\u2003y"]
+    text, words = captions.normalise(pa.chunked_array([raw[:3], raw[3:]]))
+    assert text.to_pylist() == ["caf\u00e9 au lait", "", "", None, "one", "a b c", "plain ascii words", "x y"]
+    assert words.to_pylist() == [3, 0, 0, None, 1, 3, 3, 2]
+    clean, n = captions.normalise(pa.array(["all clean here"]))  # the fast path
+    assert clean.to_pylist() == ["all clean here"] and n.to_pylist() == [3]
 
 
 def _caps(path, rows):
