@@ -16,7 +16,8 @@ from core.imageshard import list_shards
 from core.vq import VQError
 
 app = typer.Typer(
-    help="Encode image shards into VQ code shards (and check or fit the tokenizer).",
+    help="Encode image shards into VQ code shards: pretokenize --res 512 --input SHARDS --output CODES --vq VQDIR. "
+    "Sub-commands check the result or fit a small tokenizer. See docs/pretokenize.md.",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -44,7 +45,7 @@ def main(
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image shards: a folder of webdataset *.tar (img2dataset output) or one tar."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Code folder to write (NNNNN.arrow + manifest.json); a rerun resumes."),
     res: Optional[int] = typer.Option(None, "--res", help="Square side in pixels (default 512); a multiple of the tokenizer's downsampling factor."),
-    vq: Optional[str] = typer.Option(None, "--vq", help="VQ tokenizer folder (config.json + diffusion_pytorch_model.safetensors)."),
+    vq: Optional[str] = typer.Option(None, "--vq", help="VQ tokenizer folder (config.json + diffusion_pytorch_model.safetensors); default pretokenize.vq in pipelines.yaml."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder call (default 32)."),
     crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random (seeded per sample, recorded)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed of random crops (default 0)."),
