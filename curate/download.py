@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,7 +47,8 @@ RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no
 ENCODE_FORMATS = ("jpg", "png", "webp")
 # Settings that change how fast or how hard we try, not what a shard contains: left out of
 # the run folder's config hash, so a rerun may change them.
-EXECUTION_FIELDS = ("processes", "threads", "timeout", "max_download_seconds", "retries", "ray_address", "retry_failed")
+EXECUTION_FIELDS = ("processes", "threads", "timeout", "max_download_seconds", "stall_seconds", "retries",
+                    "ray_address", "retry_failed")
 
 
 class DownloadIncomplete(RuntimeError):
@@ -74,6 +76,7 @@ class DownloadConfig:
     threads: int = 64  # download threads per process
     timeout: float = 10.0  # seconds a socket may stall (connect or read) before failing
     max_download_seconds: float = 60.0  # total seconds for one body: stops slow trickles
+    stall_seconds: float = 900.0  # no shard file changed this long: stop img2dataset (a hung pool)
     retries: int = 2  # immediate retries of a transient failure (timeouts, 429, 5xx, resets)
     max_bytes: int = 64 * 1024 * 1024  # largest body accepted; more -> failed too_large
     max_pixels: int = 100_000_000  # largest width*height (from the header) decoded
@@ -88,7 +91,8 @@ class DownloadConfig:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"encode_format must be one of {', '.join(ENCODE_FORMATS)}, got {self.encode_format!r}")
-        positive = ("image_size", "samples_per_shard", "threads", "timeout", "max_download_seconds", "max_bytes", "max_pixels")
+        positive = ("image_size", "samples_per_shard", "threads", "timeout", "max_download_seconds", "stall_seconds",
+                    "max_bytes", "max_pixels")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -215,7 +219,8 @@ def worker_spec(cfg: DownloadConfig, staging: Path, columns: dict, plan: dict, e
         "max_seconds": cfg.max_download_seconds,
     }
     kwargs = i2d_kwargs(cfg, staging, columns, plan, entries[0]["file"])
-    return {"i2d": kwargs, "limits": limits, "plan": entries, "columns": columns, "ray_address": ray_address(cfg)}
+    return {"i2d": kwargs, "limits": limits, "plan": entries, "columns": columns, "ray_address": ray_address(cfg),
+            "stall_seconds": cfg.stall_seconds}
 
 
 def run_worker(rd: RunDir, spec: dict[str, Any], staging: Path, n_shards: int) -> int:
@@ -228,19 +233,54 @@ def run_worker(rd: RunDir, spec: dict[str, Any], staging: Path, n_shards: int) -
     env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS=str(spec["limits"]["max_pixels"]), PYTHONUNBUFFERED="1",
                NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "curate.download_worker", str(spec_path)]
+    return supervise(cmd, env, log, staging, n_shards, spec["stall_seconds"])
+
+
+def supervise(cmd: list[str], env: dict, log: Path, staging: Path, n_shards: int, stall_seconds: float) -> int:
+    """Run `cmd` in its own process group, a bar advancing per `_stats.json` in `staging`.
+
+    A multiprocessing pool whose worker is killed (OOM killer, a crash in a codec) waits
+    forever for the lost shard: when no file under `staging` has changed for `stall_seconds`
+    the whole group is stopped, and the unfinished shards are left for a rerun."""
     with open(log, "wb") as out, make_progress() as progress:
         bar = progress.add_task("download shards", total=n_shards)
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        last_change = time.time()  # wall clock, as file mtimes are
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
+                last_change = max(last_change, latest_change(staging))
                 progress.update(bar, completed=len(list(staging.glob("*_stats.json"))))
+                if time.time() - last_change > stall_seconds:
+                    out.write(f"\ncurate download: no progress for {stall_seconds:g} s, stopped\n".encode())
+                    break
         finally:
-            if proc.poll() is None:  # we were interrupted: do not leave img2dataset running
-                proc.terminate()
-                proc.wait(timeout=30)
+            stop_group(proc)
         progress.update(bar, completed=len(list(staging.glob("*_stats.json"))))
     return proc.returncode
+
+
+def latest_change(folder: Path) -> float:
+    """Newest mtime (wall clock) of the shard files being written in `folder`, 0 when none."""
+    times = []
+    for p in folder.glob("*"):
+        try:
+            times.append(p.stat().st_mtime)
+        except FileNotFoundError:  # renamed or removed between listing and stat
+            pass
+    return max(times, default=0.0)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop the worker and the pool it spawned (its process group), if still running."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def download_batch(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: dict, entries: list[dict]) -> list[ShardCheck]:

@@ -257,3 +257,27 @@ def test_one_run_per_output_folder(tmp_path):
     with dl.exclusive(out):
         with pytest.raises(ConfigError, match="another curate download is running"):
             dl.run(dl.DownloadConfig(), str(tmp_path / "in"), str(out))
+
+
+def test_a_hung_worker_is_stopped_with_its_children(tmp_path):
+    """A pool that lost a shard waits forever: no file change for stall_seconds stops the group."""
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(120)\n"
+    )
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    t0 = time.perf_counter()
+    rc = dl.supervise([sys.executable, "-c", script], {}, tmp_path / "log", staging, 1, stall_seconds=2)
+    assert rc != 0 and time.perf_counter() - t0 < 30
+    assert "no progress for 2 s" in (tmp_path / "log").read_text()
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
