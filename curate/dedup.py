@@ -11,6 +11,11 @@ Two phases of Ray tasks, both duckdb:
      and unusable rows are `failed` with the reason.
 B depends only on the input (rows / rows_per_bucket, or `buckets`), never on the worker count,
 so the output is the same whatever the file order, the cluster size or a crash and rerun.
+
+Fused (`curate run` of dedup then a row-local step such as filter, see curate.steps): each
+bucket task also runs the next step's kernel on the bucket's kept rows, as they will read back
+from OUT/part-<bucket>.parquet, and stages its outputs in the next step's folder; the next
+step's run then adopts them by rename, so the kept rows are not written and read twice.
 """
 from __future__ import annotations
 
@@ -20,10 +25,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from curate import metadata_exec as mx
 from curate import metadata_io as mio
+from core import ledger
 from curate.steps import Step
 
 # Key kind -> SQL of the normalised key (duckdb resolves URL/TEXT case-insensitively).
@@ -88,8 +94,42 @@ def _partition(f: mio.InputFile, idx: int, cfg: DedupConfig, buckets: int,
     return {"rows": f.rows}
 
 
+@dataclass(frozen=True)
+class Tail:
+    """The next step's per-part work, run inside the bucket tasks (fusion)."""
+
+    write: Callable[..., dict[str, Any]]  # its curate.steps.Fusable.write
+    cfg: Any  # its config
+    columns: list[tuple[str, str]]  # its input columns: dedup's parts as duckdb reads them back
+    staged: Path  # where its outputs are staged (inside its output folder)
+    parts: dict[int, tuple[str, str]]  # bucket -> (part path as the next step lists it, its task name)
+
+
+def _run_tail(con: Any, k: int, kept: str, tail: Tail) -> None:
+    """Run the next step's kernel on bucket k's kept rows (relation `kept`, with their row
+    index in OUT/part-<k>.parquet as `file_row_number`), then record its outputs as staged."""
+    path, task = tail.parts[k]
+    rows = int(con.execute(f"SELECT count(*) FROM {kept}").fetchone()[0])
+    f = mio.InputFile(path, rows, 0, tuple(c for c, _ in tail.columns))
+    info = tail.write(con, tail.cfg, f, kept, tail.columns, tail.staged, task)
+    mx.stage_done(tail.staged, task, path, info, [f"{task}.parquet", f"{ledger.LEDGER_DIR}/{task}.parquet"])
+
+
+def _write_kept(con: Any, k: int, cols: str, part: Path, tail: Tail | None) -> None:
+    """OUT/part-<k>.parquet: kept rows in input order (file, then row); with a tail, the next
+    step's outputs for that part too, from the same rows in memory."""
+    kept = f"SELECT {cols} FROM r WHERE _bad IS NULL AND _rn = 1 ORDER BY _src, _row"
+    if tail is None:
+        mx.copy_to(con, kept, part)
+        return
+    con.execute(f"CREATE TEMP TABLE kept AS SELECT {cols}, (row_number() OVER (ORDER BY _src, _row) - 1)::BIGINT "
+                f"AS file_row_number FROM r WHERE _bad IS NULL AND _rn = 1 ORDER BY _src, _row")
+    mx.copy_to(con, f"SELECT {cols} FROM kept", part)  # insertion order = file_row_number
+    _run_tail(con, k, "kept", tail)
+
+
 def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sources: list[str],
-                  out: Path) -> dict[str, Any]:
+                  out: Path, tail: Tail | None = None) -> dict[str, Any]:
     """Phase 2 task: keep one row per key of bucket k; ledger kept and duplicate rows."""
     work = out / "_work"
     con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
@@ -100,6 +140,8 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
         empty = f"SELECT {mio.project_sql(set(), columns)} LIMIT 0"
         mx.copy_to(con, empty, part)
         mx.write_ledger(con, f"SELECT {mx.ledger_select('dedup', 'NULL', '0', 'NULL', 'NULL')} LIMIT 0", out, f"p2-{k:05d}")
+        if tail is not None:
+            _run_tail(con, k, f"(SELECT *, NULL::BIGINT AS file_row_number FROM ({empty}))", tail)
         return {}
     names = {c.lower() for c, _ in columns}
     # Unusable rows get their own window partitions (a null-TEXT row must not win its URL).
@@ -108,7 +150,7 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
         f"FROM read_parquet({mio.sql_list(files)}, hive_partitioning=false) "
         f"WINDOW w AS (PARTITION BY _bad IS NULL, _key ORDER BY {order_sql(names)})"
     )
-    mx.copy_to(con, f"SELECT {cols} FROM r WHERE _bad IS NULL AND _rn = 1 ORDER BY _src, _row", part)
+    _write_kept(con, k, cols, part, tail)
     source = f"{mio.sql_list(sources)}[_src + 1]"
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _rn = 1 THEN 'kept' ELSE 'duplicate' END"
     dup = lambda e: f"CASE WHEN _bad IS NULL AND _rn > 1 THEN {e} END"  # noqa: E731
@@ -121,6 +163,17 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
 
 def run(cfg: DedupConfig, inp: str, out: str) -> dict[str, Any]:
     """Deduplicate every parquet file of `inp` into `out`; returns the stats."""
+    return _run(cfg, inp, out)[0]
+
+
+def fuse_next(cfg: DedupConfig, inp: str, out: str, nxt: Step, nxt_cfg: Any, nxt_out: str) -> list[dict[str, Any]]:
+    """Dedup `inp` into `out` and run the row-local step `nxt` on its output into `nxt_out` in
+    the same bucket tasks (curate.steps); returns both stats. If `nxt` cannot run on dedup's
+    columns it runs on its own afterwards (and reports its own error)."""
+    return _run(cfg, inp, out, (nxt, nxt_cfg, Path(nxt_out)))
+
+
+def _run(cfg: DedupConfig, inp: str, out: str, fuse: tuple[Step, Any, Path] | None = None) -> list[dict[str, Any]]:
     files = mio.load_inputs(inp, ["URL", "TEXT"] + (["hash"] if cfg.key == "hash" else []))
     con = mio.connect()
     columns = mio.unified_columns(files, con)
@@ -130,13 +183,37 @@ def run(cfg: DedupConfig, inp: str, out: str) -> dict[str, Any]:
     out_path = Path(out)
     rd = mx.open_run(out_path, "dedup", cfg, files, buckets=buckets)
     mx.clean_temp_dirs(out_path / "_work")
+    tail = _tail(con, rd, columns, buckets, *fuse) if fuse else None
     p1 = [(f"p1-{i:05d}", _partition, (f, i, cfg, buckets, columns, out_path)) for i, f in enumerate(files)]
     mx.run_tasks(rd, p1, "dedup: partition", cfg.threads)
     sources = [f.path for f in files]
-    p2 = [(f"p2-{k:05d}", _dedup_bucket, (k, cfg, columns, sources, out_path)) for k in range(buckets)]
-    mx.run_tasks(rd, p2, "dedup: buckets", cfg.threads)
+    p2 = [(f"p2-{k:05d}", _dedup_bucket, (k, cfg, columns, sources, out_path, tail)) for k in range(buckets)]
+    mx.run_tasks(rd, p2, "dedup: buckets" + (f" + {fuse[0].name}" if tail else ""), cfg.threads)
     shutil.rmtree(out_path / "_work", ignore_errors=True)  # buckets are consumed; markers stay
-    return mx.finish(out_path, "dedup", files, key=cfg.key, buckets=buckets, input_files=len(files))
+    stats = [mx.finish(out_path, "dedup", files, key=cfg.key, buckets=buckets, input_files=len(files))]
+    if fuse:
+        nxt, nxt_cfg, nxt_out = fuse
+        stats.append(nxt.run(nxt_cfg, str(out_path), str(nxt_out), staged=tail.staged if tail else None))
+    return stats
 
 
-STEP = Step("dedup", DedupConfig, run)
+def _tail(con: Any, rd: Any, columns: list[tuple[str, str]], buckets: int, nxt: Step, nxt_cfg: Any,
+          nxt_out: Path) -> Tail | None:
+    """The next step's work for the bucket tasks, or None when it cannot run on dedup's output
+    (a missing column: it then runs on its own and says so). Its input columns and part names
+    are what it would find reading dedup's finished output folder."""
+    probe = rd.path / "_work" / "_columns.parquet"  # an empty part, as the empty buckets write it
+    mx.copy_to(con, f"SELECT {mio.project_sql(set(), columns)} LIMIT 0", probe)
+    try:
+        mio.require(mio.inspect(probe), nxt.fusable.required(nxt_cfg))
+    except mio.MetadataError:
+        return None
+    nxt_columns = mio.unified_columns([mio.inspect(probe)], con)
+    paths = {k: (rd.path / f"part-{k:05d}.parquet").resolve() for k in range(buckets)}
+    order = {p: i for i, p in enumerate(sorted(paths.values()))}  # the next step's file order
+    staged = mx.staged_dir(nxt_out, rd, nxt.name, nxt_cfg)
+    mx.clean_staged(nxt_out, keep=staged)
+    return Tail(nxt.fusable.write, nxt_cfg, nxt_columns, staged, {k: (str(p), nxt.fusable.task(order[p])) for k, p in paths.items()})
+
+
+STEP = Step("dedup", DedupConfig, run, fuse_next=fuse_next)

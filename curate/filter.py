@@ -15,7 +15,7 @@ from rich.console import Console
 
 from curate import metadata_exec as mx
 from curate import metadata_io as mio
-from curate.steps import Step
+from curate.steps import Fusable, Step
 
 
 @dataclass(frozen=True)
@@ -98,23 +98,36 @@ def required_columns(cfg: FilterConfig) -> list[str]:
 
 def _filter_file(f: mio.InputFile, idx: int, cfg: FilterConfig, columns: list[tuple[str, str]],
                  out: Path) -> dict[str, Any]:
-    """One task: decide every row once (one read of the file), then kept rows ->
-    OUT/part-<idx>.parquet and every row -> the ledger."""
+    """One task: filter one input file (one read) into OUT/part-<idx>.parquet and its ledger."""
     con = mio.connect(cfg.threads, cfg.memory)
-    src = mio.scan(f)
+    info = write_part(con, cfg, f, mio.scan(f), columns, out, task_name(idx))
+    con.close()
+    return info
+
+
+def task_name(idx: int) -> str:
+    """Task (and output part) name of input file number `idx`."""
+    return f"part-{idx:05d}"
+
+
+def write_part(con: Any, cfg: FilterConfig, f: mio.InputFile, src: str, columns: list[tuple[str, str]],
+               out: Path, task: str) -> dict[str, Any]:
+    """Decide every row of relation `src` (the rows of input `f`, with `file_row_number`) once,
+    then kept rows -> OUT/<task>.parquet and every row -> OUT/_ledger/<task>.parquet. Also the
+    kernel dedup runs for a fused filter (curate.steps.Fusable)."""
     reason, value = decision_sql(cfg.active())
     project = mio.project_sql(mio.relation_columns(con, src), columns)
     key = mio.ident("hash" if f.column("hash") else f.column("URL"))
-    con.execute(f"CREATE TEMP TABLE d AS SELECT {project}, file_row_number AS _row, {key} AS _key, "
+    con.execute(f"CREATE OR REPLACE TEMP TABLE d AS SELECT {project}, file_row_number AS _row, {key} AS _key, "
                 f"{mio.invalid_reason_sql(f)} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}")
     cols = ", ".join(mio.ident(c) for c, _ in columns)
-    # No ORDER BY: duckdb keeps insertion order (preserve_insertion_order), i.e. file order.
-    mx.copy_to(con, f"SELECT {cols} FROM d WHERE _bad IS NULL AND _reason IS NULL", out / f"part-{idx:05d}.parquet")
+    # No ORDER BY: duckdb keeps insertion order (preserve_insertion_order), i.e. input order.
+    mx.copy_to(con, f"SELECT {cols} FROM d WHERE _bad IS NULL AND _reason IS NULL", out / f"{task}.parquet")
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _reason IS NOT NULL THEN 'filtered' ELSE 'kept' END"
     select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
                               "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END")
-    mx.write_ledger(con, f"SELECT {select} FROM d", out, f"part-{idx:05d}")
-    con.close()
+    mx.write_ledger(con, f"SELECT {select} FROM d", out, task)
+    con.execute("DROP TABLE d")
     return {"rows": f.rows}
 
 
@@ -143,8 +156,9 @@ def range_warnings(cfg: FilterConfig, ranges: dict[str, tuple[float, float]]) ->
     return out
 
 
-def run(cfg: FilterConfig, inp: str, out: str) -> dict[str, Any]:
-    """Filter every parquet file of `inp` into `out`; returns the stats."""
+def run(cfg: FilterConfig, inp: str, out: str, staged: Path | None = None) -> dict[str, Any]:
+    """Filter every parquet file of `inp` into `out`; returns the stats. Parts a fused previous
+    step already filtered into `staged` are adopted, not recomputed (curate.steps)."""
     files = mio.load_inputs(inp, required_columns(cfg))
     warnings = range_warnings(cfg, observed_ranges(files, cfg.active()))
     console = Console(stderr=True)
@@ -153,8 +167,10 @@ def run(cfg: FilterConfig, inp: str, out: str) -> dict[str, Any]:
     columns = mio.unified_columns(files, mio.connect())
     out_path = Path(out)
     rd = mx.open_run(out_path, "filter", cfg, files)
-    tasks = [(f"part-{i:05d}", _filter_file, (f, i, cfg, columns, out_path)) for i, f in enumerate(files)]
+    tasks = [(task_name(i), _filter_file, (f, i, cfg, columns, out_path)) for i, f in enumerate(files)]
+    mx.adopt_staged(rd, {t[0]: f.path for t, f in zip(tasks, files)}, staged)
     mx.run_tasks(rd, tasks, "filter", cfg.threads)
+    mx.clean_staged(out_path)  # adopted (or stale): the ledger and markers are in place
     reasons = _reason_counts(out_path)
     return mx.finish(out_path, "filter", files, rules=cfg.active(), reasons=reasons, warnings=warnings)
 
@@ -169,4 +185,4 @@ def _reason_counts(out: Path) -> dict[str, int]:
     return {r: int(n) for r, n in rows}
 
 
-STEP = Step("filter", FilterConfig, run)
+STEP = Step("filter", FilterConfig, run, fusable=Fusable(required_columns, write_part, task_name))

@@ -8,6 +8,8 @@ after a crash redoes only unfinished work.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,7 +17,7 @@ from typing import Any, Callable, Sequence
 import duckdb
 
 from core import atomic, ledger
-from core.config import to_dict
+from core.config import config_hash, to_dict
 from core.progress import ray_results
 from core.ray_util import init_ray
 from core.rundir import RunDir
@@ -31,11 +33,15 @@ LEDGER_COLUMNS = ("step", "source", "row", "key", "state", "reason", "value", "r
 Task = tuple[str, Callable[..., dict], tuple]  # (marker name, function, arguments)
 
 
+def settings(cfg: Any) -> dict[str, Any]:
+    """The config fields that decide a step's output (all but EXEC_FIELDS)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in EXEC_FIELDS}
+
+
 def open_run(out: str | Path, step: str, cfg: Any, files: list[InputFile], **extra: Any) -> RunDir:
     """Open the output folder with everything that decides its content: settings, the input
     fingerprint and the duckdb version (its hash() places rows into buckets)."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in EXEC_FIELDS}
-    identity = {"settings": settings, "input": fingerprint(files), "duckdb": duckdb.__version__, **extra}
+    identity = {"settings": settings(cfg), "input": fingerprint(files), "duckdb": duckdb.__version__, **extra}
     return RunDir.open(out, step, identity)
 
 
@@ -70,6 +76,51 @@ def run_tasks(rd: RunDir, tasks: Sequence[Task], description: str, cpus: int = 1
         skipped = len(tasks) - len(todo)
         ray_results(refs, f"{description}" + (f" ({skipped} done before)" if skipped else ""))
     return [rd.done_info(t[0]) for t in tasks]
+
+
+def staged_dir(out: str | Path, upstream: RunDir, step: str, cfg: Any) -> Path:
+    """Where a previous step's tasks stage step `step`'s part outputs (inside its output folder,
+    so adopting them is a rename). Named by the upstream run's identity and this step's
+    settings: a rerun with other settings or inputs never adopts them."""
+    digest = config_hash({"upstream": upstream.hash, "step": step, "settings": settings(cfg)})
+    return Path(out) / f"_staged-{digest[:16]}"
+
+
+def clean_staged(out: str | Path, keep: Path | None = None) -> None:
+    """Remove staged folders (all but `keep`) of an output folder."""
+    for p in Path(out).glob("_staged-*"):
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def stage_done(staged: Path, task: str, source: str, info: dict[str, Any], files: list[str]) -> None:
+    """Record, after its files, that `task`'s outputs (paths relative to the folder) for input
+    `source` are staged, with the marker info the task returns."""
+    entry = {"source": source, "info": info, "files": files}
+    atomic.write_json(staged / "_done" / f"{task}.json", entry)
+
+
+def adopt_staged(rd: RunDir, sources: dict[str, str], staged: Path | None) -> int:
+    """Rename staged outputs of tasks (task name -> its input path) into `rd` and mark those
+    tasks done; returns how many. Safe to repeat after a crash: a file already renamed is found
+    in place (its content is what the task writes), and a task missing any file, or staged for
+    another input, is left to run normally."""
+    adopted = 0
+    for name, source in sources.items():
+        manifest = (staged or rd.path) / "_done" / f"{name}.json"
+        if staged is None or rd.is_done(name) or not manifest.exists():
+            continue
+        entry = json.loads(manifest.read_text())
+        if entry["source"] != source:
+            continue
+        for rel in entry["files"]:
+            if (staged / rel).exists():
+                (rd.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged / rel, rd.path / rel)
+        if all((rd.path / rel).exists() for rel in entry["files"]):
+            rd.mark_done(name, entry["info"])
+            adopted += 1
+    return adopted
 
 
 def copy_to(con: duckdb.DuckDBPyConnection, select: str, path: Path, options: str = "FORMAT parquet") -> None:

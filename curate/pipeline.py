@@ -10,6 +10,9 @@ entry's overrides), and calls `run(cfg, inp, out)`.
         steps:
           - dedup
           - {step: filter, aesthetic: 5.0}   # a mapping overrides that step's settings
+
+A step followed by a step it can fuse with (`Step.fuse_next`, `Step.fusable`; e.g. dedup then
+filter) runs both in one pass; both output folders are the same as when they run apart.
 """
 from __future__ import annotations
 
@@ -85,17 +88,32 @@ def run(doc: Mapping[str, Any], name: str, console: Console | None = None) -> li
     """Run pipeline `name` of the loaded pipelines.yaml `doc`; returns each step's stats."""
     console = console or Console()
     pipe, planned = plan(doc, name)
-    inp, results = pipe.input, []
-    for i, p in enumerate(planned, 1):
-        console.rule(f"[bold]step {i}/{len(planned)}: {p.step.name}[/bold] -> {p.out}")
+    inp, results, i = pipe.input, [], 0
+    while i < len(planned):
+        p, nxt = planned[i], planned[i + 1] if i + 1 < len(planned) else None
+        names = p.step.name + (f" + {nxt.step.name}" if _fusable(p, nxt) else "")
+        console.rule(f"[bold]step {i + 1}/{len(planned)}: {names}[/bold] -> {p.out}")
         start = time.perf_counter()
-        stats = dict(p.step.run(p.cfg, str(inp), str(p.out)))
-        stats.update(step=p.step.name, output=str(p.out), seconds=round(time.perf_counter() - start, 3))
-        results.append(stats)
-        inp = p.out
+        fused = _fuse(p, nxt, str(inp)) if _fusable(p, nxt) else None
+        done = [p, nxt] if fused else [p]
+        for q, stats in zip(done, fused or [p.step.run(p.cfg, str(inp), str(p.out))]):
+            results.append(dict(stats, step=q.step.name, output=str(q.out)))
+        results[-len(done)].update(seconds=round(time.perf_counter() - start, 3))
+        if fused:  # one pass did both: the time is the first step's, the second says so
+            results[-1].update(seconds=0.0, fused_into=p.step.name)
+        inp, i = done[-1].out, i + len(done)
     atomic.write_json(Path(pipe.output) / "_summary.json", {"pipeline": name, "steps": results})
     console.print(summary_table(name, results))
     return results
+
+
+def _fusable(p: PlannedStep, nxt: PlannedStep | None) -> bool:
+    return nxt is not None and p.step.fuse_next is not None and nxt.step.fusable is not None
+
+
+def _fuse(p: PlannedStep, nxt: PlannedStep, inp: str) -> list[dict[str, Any]] | None:
+    """Both steps' stats when `p` ran `nxt` inside its own tasks; None when it declined."""
+    return p.step.fuse_next(p.cfg, inp, str(p.out), nxt.step, nxt.cfg, str(nxt.out))
 
 
 def summary_table(name: str, results: list[dict[str, Any]]) -> Table:
@@ -105,5 +123,6 @@ def summary_table(name: str, results: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
     for s in results:
         counts = [f"{int(s.get(k, 0)):,}" for k in ("rows_in", *ledger.STATES)]
-        table.add_row(s["step"], *counts, f"{s['seconds']:.1f}")
+        secs = f"in {s['fused_into']}" if s.get("fused_into") else f"{s['seconds']:.1f}"
+        table.add_row(s["step"], *counts, secs)
     return table

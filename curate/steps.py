@@ -5,6 +5,15 @@ Each step module exposes `STEP = Step(name, Config, run)` where
     run(cfg, inp, out)   reads `inp` (a folder or file), writes the output folder `out`, and
                          returns its stats dict (the `_stats.json` content: rows_in and per-state counts)
 The step's CLI command and `curate run` call the same `run`. Ray is started by the caller.
+
+Optional fusion (`curate run` only; the executor still knows no step by name): when step A is
+followed by step B in a pipeline and A has `fuse_next`, the executor offers B to A. A may run
+B's per-part work inside its own tasks (saving one write and read of the data) if B is
+`fusable`; A then returns both stats, and both folders are as an unfused run leaves them.
+    fusable: Fusable        B's per-part kernel, and the columns it needs
+    fuse_next(cfg, inp, out, b_step, b_cfg, b_out) -> [A's stats, B's stats], or None to decline
+A fusable step's `run` takes `staged=`: a folder of part outputs (data, `_ledger/<task>.parquet`,
+`_done/<task>.json`) written by A's tasks, which it adopts by rename instead of recomputing.
 """
 from __future__ import annotations
 
@@ -24,10 +33,25 @@ STEP_MODULES: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class Fusable:
+    """How a row-local step (output part i and its ledger depend on input part i only) runs
+    inside a previous step's task."""
+
+    required: Callable[[Any], list[str]]  # cfg -> input columns the step needs
+    # write(con, cfg, f, relation, columns, out, task) -> the task's marker info: decides every
+    # row of the duckdb `relation` (the rows of input part `f`, with `file_row_number`) and
+    # writes OUT/<task>.parquet and OUT/_ledger/<task>.parquet exactly as the step's own task would.
+    write: Callable[..., dict[str, Any]]
+    task: Callable[[int], str]  # the step's task name for input file number i (sorted path order)
+
+
+@dataclass(frozen=True)
 class Step:
     name: str
     config: type
-    run: Callable[[Any, str, str], dict[str, Any]]
+    run: Callable[..., dict[str, Any]]
+    fusable: Fusable | None = None  # set by row-local steps a previous step may run for them
+    fuse_next: Callable[..., list[dict[str, Any]] | None] | None = None  # see the module docstring
 
     @property
     def section(self) -> str:

@@ -81,3 +81,91 @@ def test_run_chains_steps_and_knows_nothing_about_them(ray_local, data, monkeypa
     assert "pipeline p" in text and f"{results[0]['rows_in']:,}" in text
     again = pipeline.run(doc, "p", Console(record=True))  # a rerun: every task is done
     assert [r["kept"] for r in again] == [r["kept"] for r in results]
+
+
+def _tree(folder):
+    """Every file of a step folder (staged leftovers excluded) -> comparable content."""
+    import pyarrow.parquet as pq
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_dir() or rel.startswith("_staged-"):
+            continue
+        out[rel] = pq.read_table(p) if p.suffix == ".parquet" else p.read_text()
+        if rel.startswith("_ledger/"):  # a ledger part is a set of rows (order: duckdb threads)
+            out[rel] = out[rel].sort_by([("source", "ascending"), ("row", "ascending")])
+    return out
+
+
+def _assert_same_folders(a, b):
+    for step in ("dedup", "filter"):
+        ta, tb = _tree(a / step), _tree(b / step)
+        assert sorted(ta) == sorted(tb), step
+        for rel in ta:
+            if isinstance(ta[rel], str):
+                same = ta[rel] == tb[rel]
+            else:  # pandas equality: NaN scores in the same places count as equal
+                same = ta[rel].schema == tb[rel].schema and ta[rel].to_pandas().equals(tb[rel].to_pandas())
+            assert same, f"{step}/{rel} differs"
+
+
+def _unfused(monkeypatch):
+    import dataclasses
+    from curate import dedup
+    monkeypatch.setattr(dedup, "STEP", dataclasses.replace(dedup.STEP, fuse_next=None))
+
+
+def _run_both(data, monkeypatch, doc):
+    """Run `doc` unfused into out, move it to ref, run it fused into out; returns (ref, out)."""
+    out, ref = data / "out", data / "ref"
+    with monkeypatch.context() as m:
+        _unfused(m)
+        unfused = pipeline.run(doc, "p", Console(record=True))
+    assert "fused_into" not in unfused[1]
+    out.rename(ref)
+    return unfused, ref, out
+
+
+def test_fused_dedup_filter_equals_unfused(ray_local, data, monkeypatch):
+    # Files (data, ledgers, markers, _config.yaml, _stats.json) are identical, byte for byte in
+    # content, whether filter runs in dedup's bucket tasks or on its own; buckets=5 makes more
+    # parts than files and an empty one unlikely to matter; 2 threads exercise duckdb's ordering.
+    doc = _doc(data, ["dedup", {"step": "filter", "aesthetic": 5.0}], dedup={"buckets": 5, "threads": 2})
+    unfused, ref, out = _run_both(data, monkeypatch, doc)
+    fused = pipeline.run(doc, "p", Console(record=True))
+    assert fused[1]["fused_into"] == "dedup" and not list((out / "filter").glob("_staged-*"))
+    assert [r["kept"] for r in fused] == [r["kept"] for r in unfused]
+    _assert_same_folders(ref, out)
+
+
+def test_fused_empty_bucket_and_crash_before_adoption(ray_local, data, monkeypatch):
+    # More buckets than keys' spread: some bucket is empty. A crash after dedup, before filter
+    # adopts the staged parts, then a rerun: the staged parts are adopted, output identical.
+    doc = _doc(data, ["dedup", "filter"], dedup={"buckets": 40})
+    unfused, ref, out = _run_both(data, monkeypatch, doc)
+    from curate import filter as flt
+
+    def crash(*a, **k):
+        raise RuntimeError("killed")
+    with monkeypatch.context() as m:
+        m.setattr(flt.mx, "adopt_staged", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            pipeline.run(doc, "p", Console(record=True))
+    assert len(list((out / "filter").glob("_staged-*/_done/*.json"))) == 40
+    pipeline.run(doc, "p", Console(record=True))
+    _assert_same_folders(ref, out)
+
+
+def test_fused_rerun_with_other_settings_never_adopts_stale_parts(ray_local, data, monkeypatch):
+    # Staged parts made for aesthetic 4.5 must not be adopted by a rerun with aesthetic 6.0.
+    doc = _doc(data, ["dedup", {"step": "filter", "aesthetic": 6.0}])
+    unfused, ref, out = _run_both(data, monkeypatch, doc)
+    stale = _doc(data, ["dedup", {"step": "filter", "aesthetic": 4.5}])
+    from curate import filter as flt
+    with monkeypatch.context() as m:
+        m.setattr(flt, "observed_ranges", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError):  # killed after dedup, before filter opens its folder
+            pipeline.run(stale, "p", Console(record=True))
+    assert list((out / "filter").glob("_staged-*/_done/*.json"))  # staged for 4.5, never adopted
+    pipeline.run(doc, "p", Console(record=True))
+    _assert_same_folders(ref, out)
