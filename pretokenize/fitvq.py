@@ -5,7 +5,8 @@ For demos, tests and domains with no checkpoint at hand; the real Meissonic toke
 146M-parameter VQ-GAN trained with perceptual and GAN losses, which this does not replace.
 
 Training: loss = MSE(reconstruction, x) + the quantizer's codebook/commitment loss
-(diffusers VectorQuantizer: ||sg(z_q) - z||^2 + 0.25 ||z_q - sg(z)||^2), gradients through the
+(diffusers VectorQuantizer with legacy=False, the VQ-VAE weighting: ||z_q - sg(z)||^2 moves the
+codebook, 0.25 ||z - sg(z_q)||^2 commits the encoder), gradients through the
 quantizer straight-through. The codebook starts from encoder outputs of real images (k-means++
 style seeding by sampling) and codes unused over `restart_every` steps are re-seeded from
 current encoder outputs, so the codebook does not collapse.
@@ -128,6 +129,7 @@ def fit_vq(cfg: FitVQConfig, input: str | os.PathLike, output: str | os.PathLike
         raise FileNotFoundError(f"{input}: fewer than 2 decodable images to fit a VQ on")
     rng, grng = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     vq = build_vq(tiny_vq_config(cfg.codebook, cfg.downsample, cfg.width), cfg.seed).train()
+    vq.quantize.legacy = False  # beta (0.25) on the commitment term, 1 on the codebook term (VQ-VAE paper)
     emb = vq.quantize.embedding.weight
     with torch.no_grad():  # seed the codebook from real encoder outputs
         reseed_codes(emb.data, torch.arange(cfg.codebook), flat_latents(vq, random_batch(images, 64, cfg.res, rng)), grng)
