@@ -1,17 +1,45 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults (run by `make demo` after setup).
-# Metadata curation: generate LAION-like metadata with planted duplicates and missing scores,
-# then dedup -> filter -> caption merge through `curate run --pipeline demo` (pipelines.yaml).
+# The main job on embedded defaults (run by `make demo` after setup), end to end on one CPU
+# machine with no network: metadata curation, image curation, pretokenize, train, sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CURATE=.venv/bin/curate
+BIN=.venv/bin
+export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
+rm -rf demo
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-# 1. LAION-like metadata (200k rows in 8 parquet files) and a long-caption table.
-rm -rf demo/laion demo/captions.parquet demo/out
-$CURATE synth --rows 200000 --files 8 --output demo/laion --captions-output demo/captions.parquet
+step "1/7 metadata: 200k LAION-like rows (planted duplicates, missing scores) -> dedup -> filter -> captions"
+$BIN/curate synth --rows 200000 --files 8 --output demo/laion --captions-output demo/captions.parquet
+$BIN/curate run --pipeline demo
 
-# 2. dedup, filter and caption merge, each step a folder under demo/out/.
-$CURATE run --pipeline demo
+step "2/7 images: photos served on 127.0.0.1 -> dedup -> filter -> download -> near-dup -> score"
+$BIN/python scripts/demo_web.py --out demo/web --n 320 -- $BIN/curate run --pipeline demo-web
 
-# 3. The summary, and where the kept rows are.
-.venv/bin/python -c "import json; s = json.load(open('demo/out/_summary.json')); [print(f\"{x['step']:>9}: {x['rows_in']:>8,} in -> {x['kept']:>8,} kept ({x['seconds']:.1f} s) in {x['output']}\") for x in s['steps']]"
+step "3/7 fit a small VQ tokenizer on the downloaded images (no real checkpoint is at hand offline)"
+$BIN/pretokenize fit-vq --input demo/web-out/download --output demo/vq --codebook 256 --downsample 8 --res 64 --steps 150
+
+step "4/7 pretokenize: images -> VQ code shards (near-duplicates skipped via keep.parquet)"
+$BIN/pretokenize --res 64 --input demo/web-out/download --output demo/codes --vq demo/vq \
+  --keep-list demo/web-out/near-dup/keep.parquet
+$BIN/pretokenize check --input demo/codes --n 8
+
+step "5/7 train the debug model on the codes (resumable: rerun the same command to continue)"
+$BIN/train run debug --data demo/codes --run-dir demo/train --steps 300
+
+step "6/7 sample from the trained model"
+$BIN/train sample --checkpoint demo/train --out demo/samples.png --n 4 --steps 12 --cfg 3 \
+  --prompt "a photo of a cup of coffee on a saucer on a wooden table, natural tones" \
+  --prompt "a close-up of a ginger tabby cat looking to the side, warm tones"
+
+step "7/7 summary"
+$BIN/python - <<'PY'
+import json
+for name in ("demo/out/_summary.json", "demo/web-out/_summary.json"):
+    for x in json.load(open(name))["steps"]:
+        print(f"{x['step']:>9}: {x['rows_in']:>8,} in -> {x['kept']:>8,} kept ({x['seconds']:.1f} s) in {x['output']}")
+m = json.load(open("demo/codes/manifest.json"))
+print(f"   codes: {m['num_rows']} images -> {m['grid'][0]}x{m['grid'][1]} tokens of {m['codebook_size']} codes in demo/codes")
+lines = [json.loads(l) for l in open("demo/train/metrics.jsonl") if '"loss"' in l]
+print(f"   train: loss {lines[0]['loss']:.3f} (step {lines[0]['step']}) -> {lines[-1]['loss']:.3f} (step {lines[-1]['step']}); run folder demo/train")
+print("  sample: demo/samples.png")
+PY

@@ -1,0 +1,161 @@
+"""The demo's "web": real photos served on loopback, and LAION-like metadata pointing at them.
+
+No network is reachable on the machines this demo must run on, so the image half of
+`make demo` downloads from a local HTTP server instead of the internet. This script:
+  1. makes a small image corpus from the photos that ship with scikit-image (random crops,
+     flips and colour shifts of each), plus planted exact and near duplicates, a dead link
+     and a corrupt file, so every curate step has real work;
+  2. writes `OUT/meta/part-00000.parquet` with LAION's columns (URL, TEXT, WIDTH, HEIGHT,
+     similarity, hash, punsafe, pwatermark, aesthetic) and URLs on 127.0.0.1;
+  3. serves `OUT/www` on 127.0.0.1 and runs the command given after `--` while serving.
+
+    python scripts/demo_web.py --out demo/web --n 320 -- curate download -i demo/web/meta -o demo/images
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import subprocess
+import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mmh3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageEnhance
+
+# (skimage.data function, words for its captions)
+PHOTOS = {
+    "astronaut": "an astronaut in a white space suit with the american flag",
+    "coffee": "a cup of coffee on a saucer on a wooden table",
+    "chelsea": "a ginger tabby cat looking to the side",
+    "rocket": "a rocket on the launch pad under a blue sky",
+    "hubble_deep_field": "deep space full of distant galaxies",
+    "immunohistochemistry": "a microscope image of stained tissue",
+    "retina": "a photograph of the back of a human eye",
+    "colorwheel": "a colour wheel with every hue",
+    "logo": "the scikit-image logo, a snake on a grid",
+    "camera": "a black and white photo of a cameraman with a tripod",
+    "coins": "a grey photo of old coins on a table",
+}
+STYLES = ["a photo of", "a close-up of", "a picture showing", "an image of"]
+TONES = {"warm": (1.15, 1.0, 0.85), "cool": (0.85, 1.0, 1.15), "natural": (1.0, 1.0, 1.0)}
+
+
+def load_photos() -> dict[str, Image.Image]:
+    import skimage.data as data
+
+    out = {}
+    for name in PHOTOS:
+        arr = getattr(data, name)()
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+        out[name] = Image.fromarray(arr[..., :3].astype(np.uint8)).convert("RGB")
+    return out
+
+
+def variant(photo: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A random crop (40-100% of the short side), flip and tone of a photo, with caption words."""
+    w, h = photo.size
+    side = int(min(w, h) * rng.uniform(0.4, 1.0))
+    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    img = photo.crop((left, top, left + side, top + side)).resize((160, 160), Image.BICUBIC)
+    words = []
+    if rng.random() < 0.5:
+        img, words = img.transpose(Image.FLIP_LEFT_RIGHT), ["mirrored"]
+    tone = str(rng.choice(list(TONES)))
+    gains = np.array(TONES[tone]) * rng.uniform(0.9, 1.1)
+    img = Image.fromarray(np.clip(np.asarray(img) * gains, 0, 255).astype(np.uint8))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
+    return img, " ".join(words + [tone, "tones"])
+
+
+def jpeg(img: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def build_corpus(out: Path, n: int, port: int, seed: int) -> int:
+    """Write OUT/www/*.jpg and OUT/meta/part-00000.parquet; returns the number of rows."""
+    rng = np.random.default_rng(seed)
+    www = out / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    photos = load_photos()
+    names = list(PHOTOS)
+    rows: list[dict] = []
+
+    def add(fname: str, data: bytes | None, text: str, size: tuple[int, int]) -> None:
+        if data is not None:
+            (www / fname).write_bytes(data)
+        url = f"http://127.0.0.1:{port}/{fname}"
+        rows.append(dict(URL=url, TEXT=text, WIDTH=float(size[0]), HEIGHT=float(size[1])))
+
+    for i in range(n):
+        name = names[i % len(names)]
+        img, extra = variant(photos[name], rng)
+        text = f"{STYLES[i % len(STYLES)]} {PHOTOS[name]}, {extra}"
+        data = jpeg(img)
+        add(f"img{i:05d}.jpg", data, text, img.size)
+        if i % 10 == 3:  # the same bytes under another URL: an exact duplicate (sha256)
+            add(f"copy{i:05d}.jpg", data, text + ", reposted", img.size)
+        if i % 10 == 7:  # re-encoded at low quality: a near duplicate (pHash)
+            add(f"lowq{i:05d}.jpg", jpeg(img, 35), text + ", low quality", img.size)
+    add("missing.jpg", None, "a link that is dead", (160, 160))  # 404
+    add("corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg", "a corrupt file", (160, 160))
+    write_metadata(out / "meta" / "part-00000.parquet", rows, rng)
+    return len(rows)
+
+
+def write_metadata(path: Path, rows: list[dict], rng: np.random.Generator) -> None:
+    n = len(rows)
+    table = pa.table(
+        {
+            "URL": [r["URL"] for r in rows],
+            "TEXT": [r["TEXT"] for r in rows],
+            "WIDTH": [r["WIDTH"] for r in rows],
+            "HEIGHT": [r["HEIGHT"] for r in rows],
+            "similarity": rng.uniform(0.25, 0.40, n),
+            "hash": pa.array([mmh3.hash64((r["URL"] + r["TEXT"]).encode())[0] for r in rows], pa.int64()),
+            "punsafe": rng.uniform(0.0, 0.1, n).astype(np.float32),
+            "pwatermark": rng.uniform(0.0, 0.3, n).astype(np.float32),
+            "aesthetic": rng.uniform(4.6, 7.0, n).astype(np.float32),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # one line per image would drown the demo's output
+        pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for www/ and meta/")
+    parser.add_argument("--n", type=int, default=320, help="distinct images before duplicates")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- command to run while serving")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    handler = functools.partial(QuietHandler, directory=str(args.out / "www"))
+    (args.out / "www").mkdir(parents=True, exist_ok=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    n = build_corpus(args.out, args.n, server.server_address[1], args.seed)
+    print(f"demo web: {n} URLs served from {args.out / 'www'} on 127.0.0.1:{server.server_address[1]}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        return subprocess.call(command) if command else 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
