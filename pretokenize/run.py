@@ -107,7 +107,7 @@ def run_config(cfg: PretokenizeConfig, input: Path, sha256: str, keep_sha: str |
     """What determines the output (not worker counts): recorded in _config.yaml and hashed."""
     return {
         "input": str(input.resolve()), "res": cfg.res, "crop": cfg.crop, "seed": cfg.seed,
-        "dtype": cfg.dtype, "vq_sha256": sha256, "vq_path": cfg.vq,
+        "dtype": cfg.dtype, "vq_sha256": sha256,  # the weights hash is the identity, not the path
         "keep_list": cfg.keep_list and str(Path(cfg.keep_list).resolve()), "keep_list_sha256": keep_sha,
     }
 
