@@ -87,7 +87,8 @@ def _partition(f: mio.InputFile, idx: int, cfg: DedupConfig, buckets: int,
     tmp, final = work / f"_tmp.p1-{idx:05d}.{os.getpid()}", work / f"p1-{idx:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    con.execute(f"COPY ({select}) TO {mio.sql_str(str(tmp))} (FORMAT parquet, PARTITION_BY (_b), COMPRESSION lz4_raw)")
+    # snappy: as fast to write as no compression here (lz4_raw was slower), and half the disk.
+    con.execute(f"COPY ({select}) TO {mio.sql_str(str(tmp))} (FORMAT parquet, PARTITION_BY (_b), COMPRESSION snappy)")
     shutil.rmtree(final, ignore_errors=True)  # a half-renamed earlier attempt
     os.replace(tmp, final)
     con.close()
@@ -115,17 +116,17 @@ def _run_tail(con: Any, k: int, kept: str, tail: Tail) -> None:
     mx.stage_done(tail.staged, task, path, info, [f"{task}.parquet", f"{ledger.LEDGER_DIR}/{task}.parquet"])
 
 
-def _write_kept(con: Any, k: int, cols: str, part: Path, tail: Tail | None) -> None:
-    """OUT/part-<k>.parquet: kept rows in input order (file, then row); with a tail, the next
-    step's outputs for that part too, from the same rows in memory."""
-    kept = f"SELECT {cols} FROM r WHERE _bad IS NULL AND _rn = 1 ORDER BY _src, _row"
-    if tail is None:
-        mx.copy_to(con, kept, part)
-        return
-    con.execute(f"CREATE TEMP TABLE kept AS SELECT {cols}, (row_number() OVER (ORDER BY _src, _row) - 1)::BIGINT "
-                f"AS file_row_number FROM r WHERE _bad IS NULL AND _rn = 1 ORDER BY _src, _row")
+def _write_kept(con: Any, k: int, cols: str, bucket: str, part: Path, tail: Tail | None) -> None:
+    """OUT/part-<k>.parquet: the kept rows (marked in `r`) in input order (file, then row),
+    fetched from the bucket files by (_src, _row); with a tail, the next step's outputs for that
+    part too, from the same rows in memory (`file_row_number` = their row in the part)."""
+    picked = ", ".join(f"b.{c}" for c in cols.split(", "))
+    con.execute(f"CREATE TEMP TABLE kept AS SELECT {picked}, (row_number() OVER (ORDER BY b._src, b._row) - 1)::BIGINT "
+                f"AS file_row_number FROM {bucket} b SEMI JOIN (SELECT _src, _row FROM r WHERE _bad IS NULL AND _rn = 1) w "
+                f"ON b._src = w._src AND b._row = w._row ORDER BY b._src, b._row")
     mx.copy_to(con, f"SELECT {cols} FROM kept", part)  # insertion order = file_row_number
-    _run_tail(con, k, "kept", tail)
+    if tail is not None:
+        _run_tail(con, k, "kept", tail)
 
 
 def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sources: list[str],
@@ -144,13 +145,15 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
             _run_tail(con, k, f"(SELECT *, NULL::BIGINT AS file_row_number FROM ({empty}))", tail)
         return {}
     names = {c.lower() for c, _ in columns}
-    # Unusable rows get their own window partitions (a null-TEXT row must not win its URL).
+    bucket = f"read_parquet({mio.sql_list(files)}, hive_partitioning=false)"
+    # The window sorts only what it needs (sorting whole rows costs ~1.4x more); the kept rows'
+    # other columns are fetched back from the bucket files. Unusable rows get their own window
+    # partitions (a null-TEXT row must not win its URL).
     con.execute(
-        f"CREATE TEMP TABLE r AS SELECT *, row_number() OVER w AS _rn, first_value(hash) OVER w AS _ref "
-        f"FROM read_parquet({mio.sql_list(files)}, hive_partitioning=false) "
-        f"WINDOW w AS (PARTITION BY _bad IS NULL, _key ORDER BY {order_sql(names)})"
+        f"CREATE TEMP TABLE r AS SELECT _src, _row, _bad, hash, row_number() OVER w AS _rn, first_value(hash) OVER w AS _ref "
+        f"FROM {bucket} WINDOW w AS (PARTITION BY _bad IS NULL, _key ORDER BY {order_sql(names)})"
     )
-    _write_kept(con, k, cols, part, tail)
+    _write_kept(con, k, cols, bucket, part, tail)
     source = f"{mio.sql_list(sources)}[_src + 1]"
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _rn = 1 THEN 'kept' ELSE 'duplicate' END"
     dup = lambda e: f"CASE WHEN _bad IS NULL AND _rn > 1 THEN {e} END"  # noqa: E731

@@ -112,22 +112,22 @@ def task_name(idx: int) -> str:
 
 def write_part(con: Any, cfg: FilterConfig, f: mio.InputFile, src: str, columns: list[tuple[str, str]],
                out: Path, task: str) -> dict[str, Any]:
-    """Decide every row of relation `src` (the rows of input `f`, with `file_row_number`) once,
-    then kept rows -> OUT/<task>.parquet and every row -> OUT/_ledger/<task>.parquet. Also the
-    kernel dedup runs for a fused filter (curate.steps.Fusable)."""
+    """Decide every row of relation `src` (the rows of input `f`, with `file_row_number`): kept
+    rows -> OUT/<task>.parquet, every row -> OUT/_ledger/<task>.parquet. Also the kernel dedup
+    runs for a fused filter (curate.steps.Fusable). `src` is scanned twice rather than
+    materialised: a parquet or in-memory scan costs less than copying every row into a table,
+    and the decision is the same deterministic SQL both times."""
     reason, value = decision_sql(cfg.active())
+    bad = mio.invalid_reason_sql(f)
     project = mio.project_sql(mio.relation_columns(con, src), columns)
-    key = mio.ident("hash" if f.column("hash") else f.column("URL"))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE d AS SELECT {project}, file_row_number AS _row, {key} AS _key, "
-                f"{mio.invalid_reason_sql(f)} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}")
-    cols = ", ".join(mio.ident(c) for c, _ in columns)
     # No ORDER BY: duckdb keeps insertion order (preserve_insertion_order), i.e. input order.
-    mx.copy_to(con, f"SELECT {cols} FROM d WHERE _bad IS NULL AND _reason IS NULL", out / f"{task}.parquet")
+    mx.copy_to(con, f"SELECT {project} FROM {src} WHERE ({bad}) IS NULL AND ({reason}) IS NULL", out / f"{task}.parquet")
+    key = mio.ident("hash" if f.column("hash") else f.column("URL"))
+    decided = f"SELECT file_row_number AS _row, {key} AS _key, {bad} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}"
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _reason IS NOT NULL THEN 'filtered' ELSE 'kept' END"
     select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
                               "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END")
-    mx.write_ledger(con, f"SELECT {select} FROM d", out, task)
-    con.execute("DROP TABLE d")
+    mx.write_ledger(con, f"SELECT {select} FROM ({decided})", out, task)
     return {"rows": f.rows}
 
 
