@@ -1,5 +1,5 @@
 """pretokenize.run / worker: codes equal diffusers' own, ledger states, keep list, damage,
-resume, config guard, actor sizing. In-process executor here; the Ray path is in test_cli."""
+resume, config guard, actor sizing. In-process executor here; the Ray path is in test_pretokenize_cli."""
 from __future__ import annotations
 
 import io
