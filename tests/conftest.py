@@ -19,3 +19,15 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one intra-op thread, then restore. Tiny models gain nothing from more, and
+    on a busy 2-core machine OpenMP threads spin: a 0.13 s forward was seen to take 9 s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ from curate.scorers import aesthetic, clip_sim, nsfw, watermark
 from image_shards_fixture import photo
 from scorer_models_fixture import TINY_CLIP, tiny_clip_files
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """torch's OpenMP threads spin on a busy 2-core machine (a 0.13 s forward took 9 s with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_aesthetic_module_names_match_the_released_checkpoint(tmp_path) -> None:

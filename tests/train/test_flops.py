@@ -12,13 +12,7 @@ from train.flops import (GPU_PEAK_TFLOPS, PAPER_H100_DAYS, PAPER_STAGES, flops_p
 from train.model import MODELS, ModelConfig, build_model, count_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they lose 10x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ODD = dataclasses.replace(MODELS["debug"], dual_blocks=2, single_blocks=3, mlp_ratio=2.0, text_dim=48,

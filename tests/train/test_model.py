@@ -13,13 +13,7 @@ from train.model import (MODELS, ModelConfig, build_model, compression_keys, cou
 from train.rope import apply_rope, rope_cos_sin, rope_ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they lose 10x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Names and shapes of the released Meissonic transformer's 867 tensors (copied from shared/reference).
