@@ -116,11 +116,12 @@ def _run_tail(con: Any, k: int, kept: str, tail: Tail) -> None:
     mx.stage_done(tail.staged, task, path, info, [f"{task}.parquet", f"{ledger.LEDGER_DIR}/{task}.parquet"])
 
 
-def _write_kept(con: Any, k: int, cols: str, bucket: str, part: Path, tail: Tail | None) -> None:
+def _write_kept(con: Any, k: int, columns: list[tuple[str, str]], bucket: str, part: Path, tail: Tail | None) -> None:
     """OUT/part-<k>.parquet: the kept rows (marked in `r`) in input order (file, then row),
     fetched from the bucket files by (_src, _row); with a tail, the next step's outputs for that
     part too, from the same rows in memory (`file_row_number` = their row in the part)."""
-    picked = ", ".join(f"b.{c}" for c in cols.split(", "))
+    cols = ", ".join(mio.ident(c) for c, _ in columns)
+    picked = ", ".join(f"b.{mio.ident(c)}" for c, _ in columns)
     con.execute(f"CREATE TEMP TABLE kept AS SELECT {picked}, (row_number() OVER (ORDER BY b._src, b._row) - 1)::BIGINT "
                 f"AS file_row_number FROM {bucket} b SEMI JOIN (SELECT _src, _row FROM r WHERE _bad IS NULL AND _rn = 1) w "
                 f"ON b._src = w._src AND b._row = w._row ORDER BY b._src, b._row")
@@ -136,7 +137,6 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
     con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
     files = sorted(glob.glob(str(work / "p1-*" / f"_b={k}" / "*.parquet")))
     part = out / f"part-{k:05d}.parquet"
-    cols = ", ".join(mio.ident(c) for c, _ in columns)
     if not files:  # an empty bucket still gets an (empty) part and ledger: uniform layout
         empty = f"SELECT {mio.project_sql(set(), columns)} LIMIT 0"
         mx.copy_to(con, empty, part)
@@ -153,7 +153,7 @@ def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sour
         f"CREATE TEMP TABLE r AS SELECT _src, _row, _bad, hash, row_number() OVER w AS _rn, first_value(hash) OVER w AS _ref "
         f"FROM {bucket} WINDOW w AS (PARTITION BY _bad IS NULL, _key ORDER BY {order_sql(names)})"
     )
-    _write_kept(con, k, cols, bucket, part, tail)
+    _write_kept(con, k, columns, bucket, part, tail)
     source = f"{mio.sql_list(sources)}[_src + 1]"
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _rn = 1 THEN 'kept' ELSE 'duplicate' END"
     dup = lambda e: f"CASE WHEN _bad IS NULL AND _rn > 1 THEN {e} END"  # noqa: E731
