@@ -122,12 +122,14 @@ def _write_kept(con: Any, k: int, columns: list[tuple[str, str]], bucket: str, p
     part too, from the same rows in memory (`file_row_number` = their row in the part)."""
     cols = ", ".join(mio.ident(c) for c, _ in columns)
     picked = ", ".join(f"b.{mio.ident(c)}" for c, _ in columns)
-    con.execute(f"CREATE TEMP TABLE kept AS SELECT {picked}, (row_number() OVER (ORDER BY b._src, b._row) - 1)::BIGINT "
-                f"AS file_row_number FROM {bucket} b SEMI JOIN (SELECT _src, _row FROM r WHERE _bad IS NULL AND _rn = 1) w "
+    con.execute(f"CREATE TEMP TABLE kept AS SELECT {picked} FROM {bucket} b SEMI JOIN "
+                f"(SELECT _src, _row FROM r WHERE _bad IS NULL AND _rn = 1) w "
                 f"ON b._src = w._src AND b._row = w._row ORDER BY b._src, b._row")
-    mx.copy_to(con, f"SELECT {cols} FROM kept", part)  # insertion order = file_row_number
+    mx.copy_to(con, f"SELECT {cols} FROM kept", part)  # insertion order
     if tail is not None:
-        _run_tail(con, k, "kept", tail)
+        # A fresh table's rowid is its insertion index, i.e. the row's index in the part file
+        # (a row_number() window instead costs a second sort of the whole rows).
+        _run_tail(con, k, "(SELECT *, rowid AS file_row_number FROM kept)", tail)
 
 
 def _dedup_bucket(k: int, cfg: DedupConfig, columns: list[tuple[str, str]], sources: list[str],
