@@ -116,7 +116,7 @@ def _unfused(monkeypatch):
 
 
 def _run_both(data, monkeypatch, doc):
-    """Run `doc` unfused into out, move it to ref, run it fused into out; returns (ref, out)."""
+    """Run `doc` unfused into out and move that to ref; returns (unfused stats, ref, out)."""
     out, ref = data / "out", data / "ref"
     with monkeypatch.context() as m:
         _unfused(m)
@@ -126,21 +126,30 @@ def _run_both(data, monkeypatch, doc):
     return unfused, ref, out
 
 
+def _count_adopted(monkeypatch) -> list[int]:
+    """Record what each filter run adopted from staged parts."""
+    from curate import metadata_exec as mx
+    counts, real = [], mx.adopt_staged
+    monkeypatch.setattr(mx, "adopt_staged", lambda *a: counts.append(real(*a)) or counts[-1])
+    return counts
+
+
 def test_fused_dedup_filter_equals_unfused(ray_local, data, monkeypatch):
     # Files (data, ledgers, markers, _config.yaml, _stats.json) are identical, byte for byte in
     # content, whether filter runs in dedup's bucket tasks or on its own; buckets=5 makes more
     # parts than files and an empty one unlikely to matter; 2 threads exercise duckdb's ordering.
     doc = _doc(data, ["dedup", {"step": "filter", "aesthetic": 5.0}], dedup={"buckets": 5, "threads": 2})
     unfused, ref, out = _run_both(data, monkeypatch, doc)
+    adopted = _count_adopted(monkeypatch)
     fused = pipeline.run(doc, "p", Console(record=True))
-    assert fused[1]["fused_into"] == "dedup" and not list((out / "filter").glob("_staged-*"))
+    assert adopted == [5] and fused[1]["fused_into"] == "dedup" and not list((out / "filter").glob("_staged-*"))
     assert [r["kept"] for r in fused] == [r["kept"] for r in unfused]
     _assert_same_folders(ref, out)
 
 
 def test_fused_empty_bucket_and_crash_before_adoption(ray_local, data, monkeypatch):
-    # More buckets than keys' spread: some bucket is empty. A crash after dedup, before filter
-    # adopts the staged parts, then a rerun: the staged parts are adopted, output identical.
+    # A crash after dedup, before filter adopts the staged parts, then a rerun: the staged
+    # parts are adopted and the output is identical.
     doc = _doc(data, ["dedup", "filter"], dedup={"buckets": 40})
     unfused, ref, out = _run_both(data, monkeypatch, doc)
     from curate import filter as flt
@@ -168,4 +177,18 @@ def test_fused_rerun_with_other_settings_never_adopts_stale_parts(ray_local, dat
             pipeline.run(stale, "p", Console(record=True))
     assert list((out / "filter").glob("_staged-*/_done/*.json"))  # staged for 4.5, never adopted
     pipeline.run(doc, "p", Console(record=True))
+    _assert_same_folders(ref, out)
+
+
+def test_fused_with_empty_buckets_equals_unfused(ray_local, tmp_path, monkeypatch):
+    # 3 rows in 8 buckets: at least 5 buckets are empty and still give identical parts/ledgers.
+    from metadata_data import row, write
+    write(tmp_path / "in" / "a.parquet", [row("http://a"), row("http://a", aesthetic=6.0), row("http://b", aesthetic=3.0)])
+    doc = _doc(tmp_path, ["dedup", "filter"], dedup={"buckets": 8})
+    unfused, ref, out = _run_both(tmp_path, monkeypatch, doc)
+    adopted = _count_adopted(monkeypatch)
+    fused = pipeline.run(doc, "p", Console(record=True))
+    assert adopted == [8]  # every filter part came from dedup's tasks, none was refiltered
+    assert [r["kept"] for r in fused] == [r["kept"] for r in unfused] == [2, 1]
+    assert len(list((out / "filter").glob("part-*.parquet"))) == 8
     _assert_same_folders(ref, out)
