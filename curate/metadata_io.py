@@ -191,12 +191,20 @@ def trim_sql(expr: str) -> str:
     return f"trim({expr}, {sql_str(URL_WHITESPACE)})"
 
 
+def blank_sql(expr: str) -> str:
+    """`trim_sql(expr) = ''` without trimming most rows: only a string that starts with one of
+    URL_WHITESPACE can be blank (trimming every row cost ~0.35 us/row, this ~0.03)."""
+    codes = ", ".join(str(ord(c)) for c in URL_WHITESPACE)
+    return (f"(CASE WHEN {expr} = '' THEN true WHEN ascii({expr}) NOT IN ({codes}) THEN false "
+            f"ELSE {trim_sql(expr)} = '' END)")
+
+
 def invalid_reason_sql(f: InputFile) -> str:
     """SQL for the `failed` reason of rows no step can use (null/blank URL or null TEXT)."""
     url, text = ident(f.column("URL") or "URL"), ident(f.column("TEXT") or "TEXT")
     return (
         f"CASE WHEN {url} IS NULL THEN 'null URL' "
-        f"WHEN {trim_sql(url)} = '' THEN 'empty URL' "
+        f"WHEN {blank_sql(url)} THEN 'empty URL' "
         f"WHEN {text} IS NULL THEN 'null TEXT' END"
     )
 
