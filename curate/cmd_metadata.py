@@ -15,8 +15,10 @@ import typer
 from rich.console import Console
 
 from core import config
+from core.ledger import LedgerMismatchError
 from curate._app import app
 from curate.metadata_io import MetadataError
+from curate.steps import StepIncomplete
 
 err = Console(stderr=True)
 
@@ -37,6 +39,9 @@ def user_errors() -> Iterator[None]:
         cause = getattr(exc, "cause", None) or exc
         err.print(f"[red]error:[/red] {cause}", soft_wrap=True, markup=True, highlight=False)
         raise typer.Exit(2) from None
+    except (StepIncomplete, LedgerMismatchError) as exc:
+        err.print(f"[red]incomplete:[/red] {exc}", soft_wrap=True, markup=True, highlight=False)
+        raise typer.Exit(1) from None
 
 
 def ray_address(cli: str | None, doc: dict[str, Any]) -> str | None:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from core import atomic, ledger
 from core.config import ConfigError, to_dict
 from core.progress import make_progress
+from curate.steps import StepIncomplete
 from core.rundir import RunDir
 from curate import download_ledger
 from curate.download_engine import SOURCE_COLUMNS
@@ -51,7 +52,7 @@ EXECUTION_FIELDS = ("processes", "threads", "timeout", "max_download_seconds", "
                     "ray_address", "retry_failed")
 
 
-class DownloadIncomplete(RuntimeError):
+class DownloadIncomplete(StepIncomplete):
     """Some shards did not finish or failed verification; a rerun redoes exactly those."""
 
 

@@ -21,6 +21,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+class StepIncomplete(RuntimeError):
+    """A step did all it could but some tasks did not finish; rerunning the same command
+    redoes exactly those. Commands report it as one line and exit 1 (not a traceback)."""
+
+
 # name -> module that defines STEP. Names are what pipelines.yaml lists.
 STEP_MODULES: dict[str, str] = {
     "dedup": "curate.dedup",

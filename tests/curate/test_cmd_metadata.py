@@ -69,3 +69,18 @@ def test_user_errors_exit_2_with_one_line(ray_local, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_an_incomplete_step_is_one_line_and_exit_1(capsys) -> None:
+    """A step that could not finish every task (e.g. a download shard) must not end in a
+    traceback under `curate run`: one line, exit status 1, rerun to finish."""
+    import typer
+
+    from curate.cmd_metadata import user_errors
+    from curate.download import DownloadIncomplete
+
+    with pytest.raises(typer.Exit) as exit_info:
+        with user_errors():
+            raise DownloadIncomplete("2 of 5 shards unfinished; rerun the same command")
+    assert exit_info.value.exit_code == 1
+    assert "incomplete: 2 of 5 shards unfinished" in capsys.readouterr().err
