@@ -211,3 +211,12 @@ def test_kill_mid_run_then_rerun_equals_uninterrupted(ray_local, tmp_path):
         assert _plain(out / name) == _plain(tmp_path / "clean" / name)  # same rows, same order
     assert read_ledger(out) == read_ledger(tmp_path / "clean")
     assert not list(out.rglob("_tmp.*"))
+
+
+@pytest.mark.parametrize("url", [None, "", " ", "\t\n", "a", " a", "a ", "\ta\n", "\x0bé\x0c", "é", "a b", "日本 "])
+def test_url_key_equals_full_trim(url):
+    import duckdb
+    from curate import metadata_io as mio
+    con = duckdb.connect()
+    got, want = con.execute(f"SELECT {dedup.url_key_sql('u')}, {mio.trim_sql('u')} FROM (SELECT ?::VARCHAR AS u)", [url]).fetchone()
+    assert got == want
