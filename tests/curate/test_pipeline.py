@@ -136,13 +136,13 @@ def _count_adopted(monkeypatch) -> list[int]:
 
 def test_fused_dedup_filter_equals_unfused(ray_local, data, monkeypatch):
     # Files (data, ledgers, markers, _config.yaml, _stats.json) are identical, byte for byte in
-    # content, whether filter runs in dedup's bucket tasks or on its own; buckets=5 makes more
-    # parts than files and an empty one unlikely to matter; 2 threads exercise duckdb's ordering.
+    # content, whether filter runs in dedup's part tasks or on its own; buckets=5 spreads each
+    # part's kept rows over several buckets; 2 threads exercise duckdb's ordering.
     doc = _doc(data, ["dedup", {"step": "filter", "aesthetic": 5.0}], dedup={"buckets": 5, "threads": 2})
     unfused, ref, out = _run_both(data, monkeypatch, doc)
     adopted = _count_adopted(monkeypatch)
     fused = pipeline.run(doc, "p", Console(record=True))
-    assert adopted == [5] and fused[1]["fused_into"] == "dedup" and not list((out / "filter").glob("_staged-*"))
+    assert adopted == [3] and fused[1]["fused_into"] == "dedup" and not list((out / "filter").glob("_staged-*"))
     assert [r["kept"] for r in fused] == [r["kept"] for r in unfused]
     _assert_same_folders(ref, out)
 
@@ -160,7 +160,7 @@ def test_fused_empty_bucket_and_crash_before_adoption(ray_local, data, monkeypat
         m.setattr(flt.mx, "adopt_staged", crash)
         with pytest.raises(RuntimeError, match="killed"):
             pipeline.run(doc, "p", Console(record=True))
-    assert len(list((out / "filter").glob("_staged-*/_done/*.json"))) == 40
+    assert len(list((out / "filter").glob("_staged-*/_done/*.json"))) == 3  # one per input file
     pipeline.run(doc, "p", Console(record=True))
     _assert_same_folders(ref, out)
 
@@ -188,7 +188,7 @@ def test_fused_with_empty_buckets_equals_unfused(ray_local, tmp_path, monkeypatc
     unfused, ref, out = _run_both(tmp_path, monkeypatch, doc)
     adopted = _count_adopted(monkeypatch)
     fused = pipeline.run(doc, "p", Console(record=True))
-    assert adopted == [8]  # every filter part came from dedup's tasks, none was refiltered
+    assert adopted == [1]  # the filter part came from dedup's task, not refiltered
     assert [r["kept"] for r in fused] == [r["kept"] for r in unfused] == [2, 1]
-    assert len(list((out / "filter").glob("part-*.parquet"))) == 8
+    assert len(list((out / "filter").glob("part-*.parquet"))) == 1  # parts are per input file
     _assert_same_folders(ref, out)
