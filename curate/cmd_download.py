@@ -14,10 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from core import config, ledger
-from core.rundir import ConfigMismatchError
 from curate._app import app
-
-err = Console(stderr=True)
+from curate.cmd_metadata import user_errors
 
 
 @app.command()
@@ -45,17 +43,11 @@ def download(
     flags = dict(image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
                  retry_failed=retry_failed, samples_per_shard=samples_per_shard, timeout=timeout, retries=retries,
                  max_bytes=max_bytes, max_pixels=max_pixels, ray_address=ray_address)
-    try:
+    with user_errors():  # one line: exit 2 for user errors, exit 1 for unfinished shards
         doc = config.load_yaml(config_path)
         flags["ray_address"] = ray_address or config.section(doc, "ray").get("address")
         cfg = config.merge(dl.DownloadConfig, config.section(doc, "curate.download"), flags, where="curate download")
         stats = dl.run(cfg, str(input), str(output))
-    except (config.ConfigError, ConfigMismatchError, FileNotFoundError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
-    except (dl.DownloadIncomplete, ledger.LedgerMismatchError) as exc:
-        err.print(f"[red]incomplete:[/red] {exc}", soft_wrap=True, highlight=False)
-        raise typer.Exit(1) from None
     ledger.print_counts(stats)
     Console().print(reasons_table(stats.get("failed_reasons", {})))
 
