@@ -6,6 +6,7 @@ retry forever on a stale `ray_current_cluster` file) and stays on loopback.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 # Keep a local Ray on loopback and quiet (see shared/ENVIRONMENT.md); a user's own setting wins.
@@ -29,7 +30,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
         ray.init(address=address, log_to_driver=True)
         return address
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
+    atexit.register(shutdown_local)  # runs before Ray's own exit hook (atexit is last-in, first-out)
     return "local"
+
+
+def shutdown_local() -> None:
+    """Stop the local Ray this process started, without Ray's one-second stall.
+
+    Ray stops its node processes one by one, each with SIGTERM and up to 1 s to exit. Its
+    autoscaler monitor always takes the whole second: on SIGTERM it reports its own end to the
+    GCS, which was stopped just before (measured: monitor 1.02 s, raylet 0.03 s, GCS 0.02 s). A
+    local single-node cluster has nothing to autoscale, so the monitor is killed outright
+    first; then Ray's normal shutdown. If Ray's internals move, only the normal shutdown runs."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        node = ray._private.worker._global_node
+        for info in node.all_processes.get("monitor", []) if node is not None and node.is_head() else []:
+            info.process.kill()
+            info.process.wait(timeout=1)
+    except Exception:  # noqa: BLE001 - private API: fall back to the plain shutdown below
+        pass
+    ray.shutdown()
 
 
 def cluster_cpus() -> int:

@@ -125,7 +125,7 @@ def _join_file(f: mio.InputFile, idx: int, cfg: CaptionsConfig, columns: list[tu
     cols = ", ".join(mio.ident(c) for c, _ in base + [("long_caption", "VARCHAR")])
     mx.copy_to(con, f"SELECT {cols} FROM j ORDER BY _row", out / f"part-{idx:05d}.parquet")
     rowkey = "hash" if f.column("hash") else (f.column("URL") or "_row")
-    select = mx.ledger_select("captions", mio.sql_str(f.path), "_row", mio.ident(rowkey), "'kept'")
+    select = mx.ledger_select("captions", mio.sql_str(f.path), "_row", mio.ident(rowkey), "'kept'", sources=[f.path])
     mx.write_ledger(con, f"SELECT {select} FROM j", out, f"part-{idx:05d}")
     matched = con.execute("SELECT count(*) FILTER (WHERE _matched) FROM j").fetchone()[0]
     con.close()

@@ -78,10 +78,18 @@ def order_sql() -> str:
     return "_a DESC NULLS LAST, _s DESC NULLS LAST, hash ASC NULLS LAST, _src ASC, _row ASC"
 
 
+NULL_HASH = "null hash"  # `failed` reason of a row without hash under key=hash
+
+
+def ledger_reasons(cfg: DedupConfig) -> list[str]:
+    """Every reason dedup's ledger can hold: why a row failed, or the key kind of a duplicate."""
+    return [*mio.INVALID_REASONS, NULL_HASH, cfg.key]
+
+
 def bad_sql(f: mio.InputFile, key: str) -> str:
     """Reason a row cannot be deduplicated (null/blank URL, null TEXT, null hash), else NULL."""
     bad = mio.invalid_reason_sql(f)
-    return f"coalesce({bad}, CASE WHEN hash IS NULL THEN 'null hash' END)" if key == "hash" else bad
+    return f"coalesce({bad}, CASE WHEN hash IS NULL THEN {mio.sql_str(NULL_HASH)} END)" if key == "hash" else bad
 
 
 def _narrow_select(f: mio.InputFile, idx: int, cfg: DedupConfig, buckets: int, hash_type: str,
@@ -125,7 +133,8 @@ def _dedup_bucket(k: int, cfg: DedupConfig, sources: list[str], out: Path) -> di
     files = sorted(glob.glob(str(work / "p1-*" / f"_b={k}" / "*.parquet")))
     final = work / f"p2-{k:05d}"
     if not files:  # an empty bucket still gets an (empty) ledger part: uniform layout
-        mx.write_ledger(con, f"SELECT {mx.ledger_select('dedup', 'NULL', '0', 'NULL', 'NULL')} LIMIT 0", out, f"p2-{k:05d}")
+        empty = mx.ledger_select("dedup", "NULL", "0", "NULL", "NULL", sources=sources, reasons=ledger_reasons(cfg))
+        mx.write_ledger(con, f"SELECT {empty} LIMIT 0", out, f"p2-{k:05d}")
         final.mkdir(parents=True, exist_ok=True)
         return {}
     bucket = f"read_parquet({mio.sql_list(files)}, hive_partitioning=false)"
@@ -140,8 +149,9 @@ def _dedup_bucket(k: int, cfg: DedupConfig, sources: list[str], out: Path) -> di
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _rn = 1 THEN 'kept' ELSE 'duplicate' END"
     dup = lambda e: f"CASE WHEN _bad IS NULL AND _rn > 1 THEN {e} END"  # noqa: E731
     reason = f"coalesce(_bad, {dup(mio.sql_str(cfg.key))})"
-    mx.write_ledger(con, f"SELECT {mx.ledger_select('dedup', source, '_row', 'hash', state, reason, 'NULL', dup('_ref'))} FROM r",
-                    out, f"p2-{k:05d}")
+    select = mx.ledger_select("dedup", source, "_row", "hash", state, reason, "NULL", dup("_ref"),
+                              sources=sources, reasons=ledger_reasons(cfg))
+    mx.write_ledger(con, f"SELECT {select} FROM r", out, f"p2-{k:05d}")
     con.close()
     return {}
 

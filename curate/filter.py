@@ -76,6 +76,14 @@ def missing_sql(col: str) -> str:
     return f"({c} IS NULL)" if col == "TEXT" else f"({c} IS NULL OR isnan({c}::DOUBLE))"
 
 
+def ledger_reasons(rules: dict[str, float]) -> list[str]:
+    """Every reason the filter's ledger can hold with these rules, as decision_sql writes them."""
+    reasons = list(mio.INVALID_REASONS)
+    for name in rules:
+        reasons += [f"missing:{col}" for col in RULES[name].columns] + [name]
+    return reasons
+
+
 def decision_sql(rules: dict[str, float]) -> tuple[str, str]:
     """(reason, value) SQL CASE expressions: the first failing rule, else NULL (kept)."""
     reasons, values = [], []
@@ -126,7 +134,8 @@ def write_part(con: Any, cfg: FilterConfig, f: mio.InputFile, src: str, columns:
     decided = f"SELECT file_row_number AS _row, {key} AS _key, {bad} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}"
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _reason IS NOT NULL THEN 'filtered' ELSE 'kept' END"
     select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
-                              "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END")
+                              "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END",
+                              sources=[f.path], reasons=ledger_reasons(cfg.active()))
     mx.write_ledger(con, f"SELECT {select} FROM ({decided})", out, task)
     return {"rows": f.rows}
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,10 +52,15 @@ def exec_config(cfg: Any) -> dict[str, Any]:
 
 
 def _run_one(rd: RunDir, name: str, fn: Callable[..., dict], args: tuple) -> dict:
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         info = fn(*args)
     except duckdb.Error as exc:  # e.g. a corrupt page past a valid footer: duckdb names the file
         raise MetadataError(f"task {name} of {rd.path}: {exc}") from exc
+    # The task's own cost (this worker's CPU: duckdb's threads included) goes into its marker,
+    # so a slow phase shows up in OUT/_done/ without a profiler.
+    info = {**info, "task_seconds": round(time.perf_counter() - wall, 3),
+            "task_cpu_seconds": round(time.process_time() - cpu, 3)}
     rd.mark_done(name, info)  # last: the task's outputs are already renamed into place
     return info
 
@@ -129,11 +135,28 @@ def copy_to(con: duckdb.DuckDBPyConnection, select: str, path: Path, options: st
         con.execute(f"COPY ({select}) TO {sql_str(str(tmp))} ({options})")
 
 
+def enum_sql(values: Sequence[str]) -> str:
+    """An inline duckdb ENUM type of `values` (in first-seen order, duplicates dropped)."""
+    return "ENUM(" + ", ".join(sql_str(v) for v in dict.fromkeys(values)) + ")"
+
+
 def ledger_select(step: str, source: str, row: str, key: str, state: str, reason: str = "NULL",
-                  value: str = "NULL", ref: str = "NULL") -> str:
-    """The SELECT list of a ledger part; arguments are SQL expressions except `step`."""
+                  value: str = "NULL", ref: str = "NULL", *, sources: Sequence[str] | None = None,
+                  reasons: Sequence[str] | None = None) -> str:
+    """The SELECT list of a ledger part; arguments are SQL expressions except `step`.
+
+    `step` and `state`, and `source` and `reason` when their possible values are given, are
+    cast to ENUMs: the parquet column is a plain string either way, but duckdb then writes a
+    dictionary index per row instead of hashing the same few strings row after row (a ledger
+    part of 1.25M rows: 0.38 -> 0.26 CPU s). A value outside its ENUM is a conversion error,
+    never a silently wrong ledger."""
     exprs = (sql_str(step), source, f"({row})::BIGINT", key, state, reason, value, ref)
-    typed = [e if i == 2 else f"({e})::VARCHAR" for i, e in enumerate(exprs)]
+    types = {0: enum_sql([step]), 4: enum_sql(ledger.STATES)}
+    if sources:
+        types[1] = enum_sql(sources)
+    if reasons:
+        types[5] = enum_sql(reasons)
+    typed = [e if i == 2 else f"({e})::{types.get(i, 'VARCHAR')}" for i, e in enumerate(exprs)]
     return ", ".join(f"{e} AS {c}" for e, c in zip(typed, LEDGER_COLUMNS))
 
 

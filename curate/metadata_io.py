@@ -199,13 +199,18 @@ def blank_sql(expr: str) -> str:
             f"ELSE {trim_sql(expr)} = '' END)")
 
 
+# The `failed` reasons of rows no step can use, as invalid_reason_sql writes them.
+INVALID_REASONS = ("null URL", "empty URL", "null TEXT")
+
+
 def invalid_reason_sql(f: InputFile) -> str:
     """SQL for the `failed` reason of rows no step can use (null/blank URL or null TEXT)."""
     url, text = ident(f.column("URL") or "URL"), ident(f.column("TEXT") or "TEXT")
+    null_url, empty_url, null_text = (sql_str(r) for r in INVALID_REASONS)
     return (
-        f"CASE WHEN {url} IS NULL THEN 'null URL' "
-        f"WHEN {blank_sql(url)} THEN 'empty URL' "
-        f"WHEN {text} IS NULL THEN 'null TEXT' END"
+        f"CASE WHEN {url} IS NULL THEN {null_url} "
+        f"WHEN {blank_sql(url)} THEN {empty_url} "
+        f"WHEN {text} IS NULL THEN {null_text} END"
     )
 
 

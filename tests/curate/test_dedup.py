@@ -2,6 +2,7 @@
 ledger, reruns, bad inputs, and a kill-and-rerun through the real CLI."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -129,6 +130,8 @@ def test_rerun_skips_done_tasks_and_refuses_other_config(ray_local, laion, tmp_p
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     again = dedup.run(dedup.DedupConfig(buckets=2, memory="512MB"), str(laion), str(out))  # exec knobs may change
     assert again == first and mtimes == {p: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    marker = json.loads((out / "_done" / "p2-00001.json").read_text())  # each task records its own cost
+    assert marker["task_seconds"] > 0 and marker["task_cpu_seconds"] > 0
     with pytest.raises(ConfigMismatchError, match="key"):
         dedup.run(dedup.DedupConfig(buckets=2, key="hash"), str(laion), str(out))
 
