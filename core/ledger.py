@@ -4,12 +4,14 @@ Stored as parquet under `OUT/_ledger/` (one file per task). Columns (LEDGER_SCHE
     step    str   the step that decided ("dedup", "filter", "download", ...)
     source  str   the input file or shard the row came from
     row     int64 the row's index in `source` (with `source`, a unique row id)
-    key     str   the row's own id for people (LAION `hash`, a sample key, a URL)
+    key     str   the row's own id for people (LAION `hash`, a sample key, a URL); the
+                  metadata steps write LAION's `hash` with its input type (int64), one type
+                  per step, since text costs them a third of a ledger's write time
     state   str   one of STATES
     reason  str?  filtered: filter name ("aesthetic", "missing:pwatermark");
                   failed: error class/message; duplicate: the dedup key kind
     value   str?  filtered: the offending value; failed: detail
-    ref     str?  duplicate: the kept row's key
+    ref     str?  duplicate: the kept row's key (same type as `key`)
 Counts reconcile: rows in = kept + filtered + duplicate + failed, checked before a step ends.
 """
 from __future__ import annotations

@@ -124,8 +124,8 @@ def _join_file(f: mio.InputFile, idx: int, cfg: CaptionsConfig, columns: list[tu
     con.execute(f"CREATE TEMP TABLE j AS {joined}")
     cols = ", ".join(mio.ident(c) for c, _ in base + [("long_caption", "VARCHAR")])
     mx.copy_to(con, f"SELECT {cols} FROM j ORDER BY _row", out / f"part-{idx:05d}.parquet")
-    rowkey = "hash" if f.column("hash") else (f.column("URL") or "_row")
-    select = mx.ledger_select("captions", mio.sql_str(f.path), "_row", mio.ident(rowkey), "'kept'", sources=[f.path])
+    key, key_type = mio.ledger_key_sql(f, base)
+    select = mx.ledger_select("captions", mio.sql_str(f.path), "_row", key, "'kept'", key_type=key_type, sources=[f.path])
     mx.write_ledger(con, f"SELECT {select} FROM j", out, f"part-{idx:05d}")
     matched = con.execute("SELECT count(*) FILTER (WHERE _matched) FROM j").fetchone()[0]
     con.close()

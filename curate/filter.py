@@ -130,12 +130,12 @@ def write_part(con: Any, cfg: FilterConfig, f: mio.InputFile, src: str, columns:
     project = mio.project_sql(mio.relation_columns(con, src), columns)
     # No ORDER BY: duckdb keeps insertion order (preserve_insertion_order), i.e. input order.
     mx.copy_to(con, f"SELECT {project} FROM {src} WHERE ({bad}) IS NULL AND ({reason}) IS NULL", out / f"{task}.parquet")
-    key = mio.ident("hash" if f.column("hash") else f.column("URL"))
+    key, key_type = mio.ledger_key_sql(f, columns)
     decided = f"SELECT file_row_number AS _row, {key} AS _key, {bad} AS _bad, {reason} AS _reason, {value} AS _value FROM {src}"
     state = "CASE WHEN _bad IS NOT NULL THEN 'failed' WHEN _reason IS NOT NULL THEN 'filtered' ELSE 'kept' END"
     select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
                               "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END",
-                              sources=[f.path], reasons=ledger_reasons(cfg.active()))
+                              key_type=key_type, sources=[f.path], reasons=ledger_reasons(cfg.active()))
     mx.write_ledger(con, f"SELECT {select} FROM ({decided})", out, task)
     return {"rows": f.rows}
 

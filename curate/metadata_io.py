@@ -214,6 +214,16 @@ def invalid_reason_sql(f: InputFile) -> str:
     )
 
 
+def ledger_key_sql(f: InputFile, columns: list[tuple[str, str]]) -> tuple[str, str]:
+    """(SQL, duckdb type) of a row's ledger `key` in a step over inputs with unified `columns`:
+    its LAION `hash` as typed there when the inputs have one (NULL in a file that lacks it),
+    else its URL. One type for all of a step's parts, so its ledger reads as one table."""
+    types = {c.lower(): t for c, t in columns}
+    if "hash" in types:
+        return (ident(f.column("hash")) if f.column("hash") else "NULL"), types["hash"]
+    return (ident(f.column("URL")) if f.column("URL") else "NULL"), "VARCHAR"
+
+
 def num_sql(col: str) -> str:
     """A score column with NaN mapped to NULL (duckdb sorts NaN above every number)."""
     c = ident(col)

@@ -67,7 +67,22 @@ def test_aesthetic_score_column_and_extra_columns(ray_local, tmp_path):
             dict(URL="b", TEXT="t", AESTHETIC_SCORE=2.0, pwatermark=0.1, hash=2, my_col="y")]
     _, kept, ledger = _run(tmp_path, rows, schema)
     assert kept == [dict(URL="a", TEXT="t", aesthetic=6.0, pwatermark=0.1, hash=1, my_col="x")]
-    assert [r["key"] for r in ledger] == ["1", "2"]
+    assert [r["key"] for r in ledger] == [1, 2]  # LAION's hash, as its input types it
+
+
+def test_ledger_key_has_one_type_per_step(ray_local, tmp_path):
+    # One file with LAION's hash, one without: the ledger's key is the int64 hash throughout
+    # (null where a file has none), so the step's ledger parts read back as one table.
+    import duckdb
+    import pyarrow.parquet as pq
+    no_hash = pa.schema([("URL", pa.string()), ("TEXT", pa.string()), ("aesthetic", pa.float64()), ("pwatermark", pa.float64())])
+    write(tmp_path / "in" / "a.parquet", [row("a", aesthetic=6.0, pwatermark=0.1, hash=11)])
+    write(tmp_path / "in" / "b.parquet", [dict(URL="b", TEXT="t", aesthetic=1.0, pwatermark=0.1)], schema=no_hash)
+    flt.run(flt.FilterConfig(), str(tmp_path / "in"), str(tmp_path / "out"))
+    parts = sorted((tmp_path / "out" / "_ledger").glob("*.parquet"))
+    assert len(parts) == 2 and {str(pq.read_schema(p).field("key").type) for p in parts} == {"int64"}
+    got = duckdb.sql(f"SELECT key, state, reason FROM '{tmp_path}/out/_ledger/*.parquet' ORDER BY source").fetchall()
+    assert got == [(11, "kept", None), (None, "filtered", "aesthetic")]
 
 
 def test_missing_column_names_file_and_column(ray_local, tmp_path):
