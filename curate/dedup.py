@@ -98,10 +98,11 @@ def _narrow_select(f: mio.InputFile, idx: int, cfg: DedupConfig, buckets: int, h
     """Phase 1's rows: only what the keep rule and the ledger need, never the whole row."""
     score = lambda c: mio.num_sql(c) if c in have else "NULL::DOUBLE"  # noqa: E731
     hash_ = "hash" if "hash" in have else "NULL"
-    key = KEYS[cfg.key]
-    return (f"SELECT file_row_number AS _row, {idx}::INTEGER AS _src, {key} AS _key, {bad_sql(f, cfg.key)} AS _bad, "
-            f"({hash_})::{hash_type} AS hash, {score('aesthetic')} AS _a, {score('similarity')} AS _s, "
-            f"hash({key}) % {buckets} AS _b FROM {src}")
+    # The key is computed once in the inner SELECT and hashed outside it (writing the key
+    # expression twice evaluated it twice: 1.04 -> 0.87 CPU s per 1.25M rows).
+    narrow = (f"SELECT file_row_number AS _row, {idx}::INTEGER AS _src, {KEYS[cfg.key]} AS _key, {bad_sql(f, cfg.key)} AS _bad, "
+              f"({hash_})::{hash_type} AS hash, {score('aesthetic')} AS _a, {score('similarity')} AS _s FROM {src}")
+    return f"SELECT *, hash(_key) % {buckets} AS _b FROM ({narrow})"
 
 
 def _write_dir(con: Any, select: str, by: str, tmp: Path, final: Path) -> None:
@@ -109,7 +110,7 @@ def _write_dir(con: Any, select: str, by: str, tmp: Path, final: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # snappy: as fast to write as no compression here (lz4_raw was slower), and half the disk.
-    con.execute(f"COPY ({select}) TO {mio.sql_str(str(tmp))} (FORMAT parquet, PARTITION_BY ({by}), COMPRESSION snappy)")
+    con.execute(f"COPY ({select}) TO {mio.sql_str(str(tmp))} ({mx.PARQUET}, PARTITION_BY ({by}), COMPRESSION snappy)")
     shutil.rmtree(final, ignore_errors=True)  # a half-renamed earlier attempt
     os.replace(tmp, final)
 
