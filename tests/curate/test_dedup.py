@@ -223,3 +223,21 @@ def test_url_key_equals_full_trim(url):
     con = duckdb.connect()
     got, want = con.execute(f"SELECT {dedup.url_key_sql('u')}, {mio.trim_sql('u')} FROM (SELECT ?::VARCHAR AS u)", [url]).fetchone()
     assert got == want
+
+
+def test_parts_keep_input_order_on_one_thread_and_on_two(ray_local, tmp_path):
+    # Several row groups, so two duckdb threads really probe the join in parallel (with two
+    # threads and no ORDER BY, duckdb appended row groups out of order); one thread streams.
+    import numpy as np
+    n = 300_000
+    i = np.arange(n)
+    table = pa.table({"URL": pa.array([f"u{k}" for k in i % 260_000]), "TEXT": pa.array(["t"] * n),
+                      "aesthetic": pa.array((i % 7).astype("float64")), "hash": pa.array(i, pa.int64())})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=30_000)
+    for threads in (1, 2):
+        dedup.run(dedup.DedupConfig(buckets=2, threads=threads), str(tmp_path / "in"), str(tmp_path / f"t{threads}"))
+    one, two = (pq.read_table(tmp_path / f"t{t}" / "part-00000.parquet") for t in (1, 2))
+    hashes = one.column("hash").to_numpy()
+    assert len(hashes) == 260_000 and (np.diff(hashes) > 0).all()  # input order
+    assert one.equals(two)
