@@ -102,7 +102,10 @@ def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0) -> Prepa
 
 def to_unit_tensor(batch: np.ndarray, device=None):
     """(B, res, res, 3) uint8 -> (B, 3, res, res) float32 in [0, 1] (ToTensor, no normalisation).
-    With a `device`, the uint8 batch is moved first (4x fewer bytes over PCIe) and converted there."""
+    With a `device`, the uint8 batch is moved first (4x fewer bytes over PCIe) and converted there.
+    The result is contiguous NCHW: a bare permute leaves channels-last strides, which the
+    encoder's convolutions inherit layer after layer (a different, untested cuDNN path from the
+    one `bench/gpu_pretokenize.py` times for the encoder alone)."""
     import torch
 
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).contiguous().float().div_(255.0)

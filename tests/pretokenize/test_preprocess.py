@@ -72,5 +72,6 @@ def test_prepare_and_unit_tensor():
     assert p.pixels.shape == (32, 32, 3) and p.pixels.dtype == np.uint8
     x = P.to_unit_tensor(np.stack([p.pixels]))
     assert tuple(x.shape) == (1, 3, 32, 32) and float(x.max()) <= 1.0 and float(x.min()) > 0.9
+    assert x.is_contiguous()  # NCHW, as the encoder is benchmarked, not channels-last strides
     with pytest.raises(Exception):
         P.prepare(b"not an image", 32)
