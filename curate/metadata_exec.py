@@ -39,10 +39,18 @@ def settings(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in EXEC_FIELDS}
 
 
+# What the metadata steps' tasks write, as a version: part of every run folder's identity, so
+# a folder left mid-run by a version whose intermediate files or ledger types differ is refused
+# with a clear message instead of being finished with mixed formats. Bump on such a change.
+# 2: ledger key/ref keep LAION's hash type (int64), dedup's phase 2 lists the dropped rows.
+FORMAT = 2
+
+
 def open_run(out: str | Path, step: str, cfg: Any, files: list[InputFile], **extra: Any) -> RunDir:
     """Open the output folder with everything that decides its content: settings, the input
-    fingerprint and the duckdb version (its hash() places rows into buckets)."""
-    identity = {"settings": settings(cfg), "input": fingerprint(files), "duckdb": duckdb.__version__, **extra}
+    fingerprint, the duckdb version (its hash() places rows into buckets) and FORMAT."""
+    identity = {"settings": settings(cfg), "input": fingerprint(files), "duckdb": duckdb.__version__,
+                "format": FORMAT, **extra}
     return RunDir.open(out, step, identity)
 
 

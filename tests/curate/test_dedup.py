@@ -136,6 +136,17 @@ def test_rerun_skips_done_tasks_and_refuses_other_config(ray_local, laion, tmp_p
         dedup.run(dedup.DedupConfig(buckets=2, key="hash"), str(laion), str(out))
 
 
+def test_a_folder_of_another_format_is_refused(ray_local, laion, tmp_path, monkeypatch):
+    # A folder left by a version that wrote other intermediate files or ledger types is never
+    # finished with today's code: the format is part of the folder's identity.
+    from curate import metadata_exec as mx
+    monkeypatch.setattr(mx, "FORMAT", mx.FORMAT - 1)
+    dedup.run(dedup.DedupConfig(buckets=2), str(laion), str(tmp_path / "out"))
+    monkeypatch.undo()
+    with pytest.raises(ConfigMismatchError, match="format"):
+        dedup.run(dedup.DedupConfig(buckets=2), str(laion), str(tmp_path / "out"))
+
+
 def test_missing_hash_is_computed_and_aesthetic_score_is_read(ray_local, tmp_path):
     schema = pa.schema([("URL", pa.string()), ("TEXT", pa.string()), ("AESTHETIC_SCORE", pa.float64()), ("extra", pa.int32())])
     write(tmp_path / "in" / "a.parquet", [dict(URL="u", TEXT="t", AESTHETIC_SCORE=9.0, extra=1)], schema)
