@@ -108,4 +108,5 @@ def to_unit_tensor(batch: np.ndarray, device=None):
     one `bench/gpu_pretokenize.py` times for the encoder alone)."""
     import torch
 
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)  # one pass: cast + layout
