@@ -5,7 +5,11 @@
 #
 # Runs on a machine whose python3 already has torch (the lent H100/H200 image does); packages it
 # lacks (diffusers, duckdb, importlib_metadata for core.vq / core.ledger) are installed from
-# wheels in .whl/ when that folder exists. Each benchmark has its own time cap so that one slow
+# wheels in .whl/ when that folder exists; fetch them on a machine with PyPI (cp312, x86_64):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     diffusers==0.42.1 duckdb==2.0.1 importlib_metadata
+# Each benchmark has its own time cap so that one slow
 # step (torch.compile) cannot swallow the figures of the others; logs go to OUT_DIR.
 set -u
 out=${1:-${OUT:-/tmp/gpu_bench}}
@@ -26,8 +30,11 @@ step() {  # step NAME SECONDS CMD...: run with a cap, keep its log
   timeout "$cap" "$@" 2>&1 | tee "$out/$name.txt"
   echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s ==="
 }
-step train ${CAP_TRAIN:-150} $py bench/gpu_train.py --res 256 512 1024
-step pretokenize ${CAP_PRETOK:-170} $py bench/gpu_pretokenize.py --seconds 8
-step train_compile ${CAP_COMPILE:-200} $py bench/gpu_train.py --compile --res 256 512
+# Caps from the first H100 run (2026-11-27): eager training 66 s for three resolutions; the
+# pretokenize bench's 256-px pass ~80 s (512 px did not fit in 170 s); compiling the 1B model
+# ~160 s at 256 px. Sum + install stays under one 10-minute device call.
+step train ${CAP_TRAIN:-90} $py bench/gpu_train.py --res 256 512 1024
+step pretokenize ${CAP_PRETOK:-200} $py bench/gpu_pretokenize.py --seconds 8
+step train_compile ${CAP_COMPILE:-280} $py bench/gpu_train.py --compile --res 256 512 --warmup 2 --steps 5
 echo "=== summary ==="
 grep -h '^{' "$out"/train.txt "$out"/pretokenize.txt "$out"/train_compile.txt 2>/dev/null
