@@ -57,14 +57,18 @@ class FitVQConfig:
 
 
 def load_images(input: str | os.PathLike, res: int, limit: int) -> list[np.ndarray]:
-    """Up to `limit` images from the shards, each resized to shorter side = res, (H, W, 3) uint8."""
+    """Up to `limit` images from the shards, each resized to shorter side = res, (H, W, 3) uint8.
+
+    Taken in (shard, key) order, not tar order: img2dataset writes samples as its download
+    threads finish them, so the same set of images arrives in a different order on each run,
+    and the seeded fit would see different images (seen: two `make demo` runs, two VQs). One
+    shard's encoded bytes are held at a time to sort them."""
     out: list[np.ndarray] = []
     for tar in list_shards(input):
-        for sample in iter_shard(tar):
-            if sample.image is None:
-                continue
+        encoded = sorted((sample.key, sample.image) for sample in iter_shard(tar) if sample.image is not None)
+        for _, data in encoded:
             try:
-                img = decode_image(sample.image)
+                img = decode_image(data)
             except Exception:  # skip undecodable images: fitting needs only enough good ones
                 continue
             out.append(np.asarray(img.resize(resized_size(*img.size, res), 2)))  # 2 = BILINEAR

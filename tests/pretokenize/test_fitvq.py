@@ -41,3 +41,14 @@ def test_config_validation():
         FitVQConfig(res=30, downsample=8)
     with pytest.raises(ValueError, match="power of 2"):
         FitVQConfig(downsample=6)
+
+
+def test_images_load_in_key_order_whatever_the_tar_order(tmp_path, shards):
+    # img2dataset writes samples in download-completion order; the fit must not depend on it.
+    from core.imageshard import iter_shard, write_shard
+    from pretokenize.fitvq import load_images
+    for tar in sorted(shards.glob("*.tar")):
+        samples = list(iter_shard(tar))
+        write_shard(tmp_path / "shuffled" / tar.name, samples[::-1])
+    a, b = load_images(shards, 16, 100), load_images(tmp_path / "shuffled", 16, 100)
+    assert len(a) == len(b) > 2 and all(np.array_equal(x, y) for x, y in zip(a, b))
