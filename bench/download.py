@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests" / "curate"))
 
 import httpserver as hs  # noqa: E402
 
-from curate import download as dl  # noqa: E402
+from curate.download import step as dl  # noqa: E402
 
 IMAGE_SIZE, SHARD = 256, 500
 SERVER_PID: int | None = None  # the image server's process, left out of the RSS figures

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curate import mih  # noqa: E402
+from curate.images import mih  # noqa: E402
 
 
 def planted_hashes(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -98,10 +98,10 @@ def peak_rss(n: int, d: int, bands: int | None) -> tuple[float, int, int]:
 
 def decide_pass(n: int, d: int) -> tuple[float, int]:
     """Wall time of the step's whole driver pass on n synthetic hash rows (hosts, sha256,
-    aesthetic, sizes, 1% undecodable), as `curate near-dup` runs it after hashing."""
+    aesthetic, sizes, 1% undecodable), as `curate neardup` runs it after hashing."""
     import pyarrow as pa
 
-    from curate import neardup
+    from curate.images import grouping, hashing, outputs
 
     rng = np.random.default_rng(2)
     ph = planted_hashes(n, d)
@@ -112,10 +112,10 @@ def decide_pass(n: int, d: int) -> tuple[float, int]:
         "phash": pa.array(ph, pa.uint64()), "host": [f"h{i % 5000}.com" for i in range(n)],
         "aesthetic": rng.normal(5, 1, n), "width": rng.integers(64, 2048, n), "height": rng.integers(64, 2048, n),
         "error": pa.array(error.tolist(), pa.string()),
-    }, schema=neardup.HASH_SCHEMA)
+    }, schema=hashing.HASH_SCHEMA)
     t0 = time.perf_counter()
-    dec = neardup.decide(table, neardup.NearDupConfig(distance=d))
-    neardup.keep_table(table, dec), neardup.groups_table(table, dec)
+    dec = grouping.decide(table, d, 20)
+    outputs.keep_table(table, dec), outputs.groups_table(table, dec)
     return time.perf_counter() - t0, n
 
 
@@ -172,7 +172,7 @@ def main() -> None:
         print(f"peak RSS grouping {sizes[-1]:,} hashes, {name} (fresh process): {peak / 2**20:.0f} MiB "
               f"(before grouping {before / 2**20:.0f} MiB), wall {wall:.2f} s")
     t_decide, n_rows = decide_pass(sizes[-1], d)
-    print(f"near-dup grouping pass (neardup.decide + keep/groups tables) on {n_rows:,} hash rows: {t_decide:.2f} s")
+    print(f"neardup grouping pass (grouping.decide + keep/groups tables) on {n_rows:,} hash rows: {t_decide:.2f} s")
     for line in exactness(5_000 if args.small else 20_000, d):
         print(line)
 

@@ -5,7 +5,7 @@
 
 A GPU encoder is a queue the host waits on with the GIL free. Here the encoder is replaced by
 exactly that: `time.sleep(ms)` per batch, returning codes of the right shape. Everything else is
-the real worker (`pretokenize.worker.encode_shard`: tar reading, the decode/resize thread pool,
+the real unit (`pretokenize.encode.encode_shard`: tar reading, the decode/resize thread pool,
 batch assembly, code-shard and ledger writes, markers) on real JPEG shards. The baseline, in the
 same run, is the encoder alone: batches x ms. ratio = encoder alone / end to end; 1.0 means the
 data path is fully hidden. Two parts of the main thread's time are shown: waiting on futures
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import core.vq  # noqa: E402
 from core.rundir import RunDir  # noqa: E402
-from pretokenize import preprocess, worker  # noqa: E402
+from pretokenize import encode, preprocess  # noqa: E402
 
 
 def sibling(name: str):
@@ -60,13 +60,13 @@ class Timers:
         return timed
 
 
-def one_pass(shards: Path, out: Path, settings: worker.EncodeSettings) -> float:
+def one_pass(shards: Path, out: Path, settings: encode.EncodeSettings) -> float:
     shutil.rmtree(out, ignore_errors=True)
     rd = RunDir.open(out, "pretokenize", {"bench": "overlap"})
     vq = torch.nn.Linear(1, 1)  # only its device is read: the encoder is the sleep below
     t = time.perf_counter()
     for tar in sorted(shards.glob("*.tar")):
-        worker.encode_shard(vq, tar, rd, settings)
+        encode.encode_shard(vq, tar, rd.path, settings)
     return time.perf_counter() - t
 
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cf.Future.result = timers.wrap("future_waits", cf.Future.result)
     preprocess.to_unit_tensor = timers.wrap("to_tensor", preprocess.to_unit_tensor)
 
-    settings = worker.EncodeSettings(args.res, "center", 0, args.batch, args.threads, args.prefetch)
+    settings = encode.EncodeSettings(args.res, "center", 0, args.batch, args.threads, args.prefetch)
     with tempfile.TemporaryDirectory(prefix="bench_overlap_") as tmp:
         shards = Path(tmp) / "shards"
         shards.mkdir()

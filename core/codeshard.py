@@ -24,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from core import atomic
+from core.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".arrow"
 
 
-class CodeShardError(ValueError):
+class CodeShardError(UserError):
     """A code folder or shard that does not match what the reader was told to expect."""
 
 

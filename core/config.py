@@ -19,6 +19,8 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from core.errors import UserError
+
 T = TypeVar("T")
 
 # The repository's own pipelines.yaml: the embedded defaults used when no --config is given
@@ -30,7 +32,7 @@ REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem a user can fix; the message names the key and the file."""
 
 
@@ -109,6 +111,29 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def execution(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that changes how a step runs (threads, memory, workers, batch size, a
+    cluster address), never what it writes: left out of the run folder's identity
+    (`settings`), so a rerun may change it and still resume the folder.
+
+        threads: int = execution(1)  # duckdb threads per task
+    """
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"execution": True})
+
+
+def is_execution(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("execution"))
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """The fields of a config dataclass that decide a step's output: all but `execution` ones."""
+    data = to_dict(cfg)
+    if not dataclasses.is_dataclass(cfg):
+        return data
+    skip = {f.name for f in dataclasses.fields(cfg) if is_execution(f)}
+    return {k: v for k, v in data.items() if k not in skip}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

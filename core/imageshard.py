@@ -9,7 +9,9 @@ Reading is defensive because shards come from the web and from killed jobs:
   * a member whose name is absolute, contains `..`, or is not a regular file is refused
     (recorded in the report, never extracted or followed);
   * a tar that ends mid-member yields every complete sample before the damage and
-    records the shard as damaged, instead of raising halfway through a job.
+    records the shard as damaged, instead of raising halfway through a job;
+  * samples the shard's parquet lists as downloaded (`status == "success"`) but the tar does
+    not hold are listed in the report as `lost`, so every reader accounts for them the same way.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ class ReadReport:
     damaged: str | None = None  # why the shard could not be read to the end
     refused: list[tuple[str, str]] = field(default_factory=list)  # (member name, reason)
     bad_members: list[tuple[str, str]] = field(default_factory=list)  # unparsable .json etc.
+    lost: list[str] = field(default_factory=list)  # keys the shard's parquet lists as successes, not in the tar
+
+    def lost_reason(self) -> str:
+        """The ledger reason of a lost sample."""
+        return f"missing from {Path(self.path).name}: {self.damaged or 'not in the tar'}"
 
 
 def list_shards(folder: str | os.PathLike) -> list[Path]:
@@ -74,8 +81,32 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def iter_shard(path: str | os.PathLike, report: ReadReport | None = None) -> Iterator[Sample]:
-    """Yield the samples of one tar in order; damage and refusals go to `report`."""
+    """Yield the samples of one tar in order; damage, refusals and lost samples go to `report`
+    (`lost` is filled once the last sample has been yielded)."""
     report = report if report is not None else ReadReport(str(path))
+    seen: set[str] = set()
+    for sample in _read_tar(path, report):
+        seen.add(sample.key)
+        yield sample
+    report.lost = lost_keys(path, seen)
+
+
+def lost_keys(path: str | os.PathLike, seen: set[str]) -> list[str]:
+    """Keys img2dataset's parquet beside the tar lists as successes that are not in `seen`."""
+    meta = Path(path).with_suffix(".parquet")
+    if not meta.is_file():
+        return []
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(meta, columns=["key", "status"])
+    except (OSError, KeyError, ValueError):  # not img2dataset's parquet: nothing to compare with
+        return []
+    pairs = zip(table.column("key").to_pylist(), table.column("status").to_pylist())
+    return [str(k) for k, s in pairs if s == "success" and str(k) not in seen]
+
+
+def _read_tar(path: str | os.PathLike, report: ReadReport) -> Iterator[Sample]:
     current: Sample | None = None
     try:
         with tarfile.open(path, mode="r|*") as tar:

@@ -7,6 +7,7 @@ retry forever on a stale `ray_current_cluster` file) and stays on loopback.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 # Keep a local Ray on loopback and quiet (see shared/ENVIRONMENT.md); a user's own setting wins.
@@ -17,8 +18,13 @@ _ENV_DEFAULTS = {
 }
 
 
+_JOINED: list[str] = []  # the cluster address this process joined, if it joined one
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Start or join Ray once per process; returns the address kind used ("local" or the address)."""
+    """Start or join Ray once per process; returns the address kind used ("local" or the address).
+    Commands resolve `address` with `core.cli.ray_address`; a step that needs Ray and finds
+    none calls this with no address and gets a local Ray."""
     for k, v in _ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     import ray
@@ -28,7 +34,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=True)
+        _JOINED.append(address)
         return address
+    _quiet_token_notice()
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
     atexit.register(shutdown_local)  # runs before Ray's own exit hook (atexit is last-in, first-out)
     return "local"
@@ -54,6 +62,26 @@ def shutdown_local() -> None:
     except Exception:  # noqa: BLE001 - private API: fall back to the plain shutdown below
         pass
     ray.shutdown()
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_token_notice() -> None:
+    """A local Ray keeps Ray's default, token authentication (its processes listen on
+    loopback only, and a token keeps other local users out); the notice Ray prints about that
+    default at every start says nothing a user must act on, so it is dropped. Ray's other
+    messages, and its warning when authentication is *disabled*, still show."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenNotice())
+
+
+def joined_address() -> str | None:
+    """The address of the Ray cluster this process joined (None: no Ray, or a local one)."""
+    return _JOINED[-1] if _JOINED else None
 
 
 def cluster_cpus() -> int:

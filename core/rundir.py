@@ -1,27 +1,52 @@
-"""Run/output folders: resolved config, config-hash guard, per-task completion markers.
+"""Run/output folders: what defines them, one run at a time, per-unit completion markers.
 
 Layout of any step's output folder OUT:
     OUT/*.parquet | *.tar | *.arrow   the data, at the top level (readers glob it)
-    OUT/_config.yaml                  resolved config + its hash, written before any work
-    OUT/_done/<task>.json             completion marker, written after the task's data is renamed
+    OUT/_config.yaml                  the folder's identity (settings + input) and its hash,
+                                      written before any work
+    OUT/_done/<unit>.json             completion marker, written after the unit's data is renamed
+    OUT/_failed/<unit>.json           why a unit failed in the last run (removed when it succeeds)
+    OUT/_stats.json                   the completion record: written last, once every unit is
+                                      done and the ledger reconciles; a folder without it is unfinished
+    OUT/_lock                         held (flock) by the run writing the folder
 Everything that is not data starts with `_`, so readers that glob `OUT/*.parquet` skip it.
+
+One rule for what defines a folder (`identity`): the step, its config's settings (every field
+but those marked `core.config.execution`: threads, memory, actors, batch sizes, addresses)
+and a fingerprint of its input (`fingerprint`: the upstream step's completion record, or the
+input files' names and sizes). Reopening a folder with another identity is refused, naming
+what differs; a step whose units read one input shard each also records each unit's input in
+its marker (`core.units`), so a redone upstream shard is redone downstream, never reused.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterable, Mapping
 
 import yaml
 
 from core import atomic
-from core.config import ConfigError, config_hash, to_dict
+from core.config import ConfigError, config_hash, settings, to_dict
+from core.errors import UserError
+
+CONFIG, STATS, LOCK, DONE, FAILED = "_config.yaml", "_stats.json", "_lock", "_done", "_failed"
 
 
 class ConfigMismatchError(ConfigError):
-    """The output folder was made by a run with a different config."""
+    """The output folder was made by a run with a different config or input."""
+
+
+class FolderBusyError(UserError):
+    """Another live run holds the output folder."""
+
+
+_LOCKS: dict[str, IO[str]] = {}  # folder -> the open lock file this process holds
 
 
 @dataclass(frozen=True)
@@ -31,28 +56,32 @@ class RunDir:
     hash: str
 
     @classmethod
-    def open(cls, path: str | os.PathLike, step: str, config: Any) -> "RunDir":
-        """Create or reopen `path` for `step`. `config` is everything that determines the
-        output (settings and inputs, not worker counts). A different config is refused."""
-        path = Path(path)
+    def open(cls, path: str | os.PathLike, step: str, identity: Any) -> "RunDir":
+        """Create or reopen `path` for `step`, holding its lock for the rest of this process.
+        `identity` is everything that determines the output (see `identity()`); a folder made
+        with another identity is refused. Leftover temp files of a dead run are removed, only
+        once the lock shows no other run is writing here."""
+        path = Path(path).absolute()
         path.mkdir(parents=True, exist_ok=True)
-        resolved = to_dict(config)
+        hold_lock(path)
+        resolved = to_dict(identity)
         digest = config_hash({"step": step, "config": resolved})
-        cfg_file = path / "_config.yaml"
+        cfg_file = path / CONFIG
         if cfg_file.exists():
             old = yaml.safe_load(cfg_file.read_text()) or {}
             if old.get("hash") != digest:
                 raise ConfigMismatchError(_mismatch_message(path, step, old, resolved))
         else:
-            atomic.write_text(
-                cfg_file,
-                yaml.safe_dump({"step": step, "hash": digest, "config": resolved}, sort_keys=False),
-            )
+            atomic.write_text(cfg_file, yaml.safe_dump({"step": step, "hash": digest, "config": resolved},
+                                                       sort_keys=False))
         atomic.remove_temps(path)  # leftovers of a killed run are never valid data
         return cls(path, step, digest)
 
     def marker(self, task: str) -> Path:
-        return self.path / "_done" / f"{task}.json"
+        return self.path / DONE / f"{task}.json"
+
+    def failed_path(self, task: str) -> Path:
+        return self.path / FAILED / f"{task}.json"
 
     def is_done(self, task: str) -> bool:
         return self.marker(task).exists()
@@ -65,8 +94,137 @@ class RunDir:
         return json.loads(self.marker(task).read_text())
 
     def done_tasks(self) -> list[str]:
-        folder = self.path / "_done"
+        folder = self.path / DONE
         return sorted(p.stem for p in folder.glob("*.json")) if folder.exists() else []
+
+    def unfinish(self) -> None:
+        """Remove the completion record before changing any output: readers then see the
+        folder as unfinished until the step writes it again."""
+        (self.path / STATS).unlink(missing_ok=True)
+
+
+def identity(cfg: Any, input_fingerprint: Any, **extra: Any) -> dict[str, Any]:
+    """What defines a step's output folder: its settings, its input and anything else that
+    decides the bytes it writes (a format version, a library version, a tokenizer hash)."""
+    return {"settings": settings(cfg), "input": input_fingerprint, **extra}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def step_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """What a step's output folder says about itself: {"step", "hash", "input", "complete",
+    "done", "failed"}; None when `folder` is not a step's output."""
+    folder = Path(folder)
+    cfg_file = folder / CONFIG
+    if not folder.is_dir() or not cfg_file.is_file():
+        return None
+    written = yaml.safe_load(cfg_file.read_text()) or {}
+    stats = folder / STATS
+    return {
+        "step": written.get("step"), "hash": written.get("hash"),
+        "input": (written.get("config") or {}).get("input"),
+        "complete": stats.is_file(),
+        "record": _record_digest(stats) if stats.is_file() else None,
+        "done": len(list((folder / DONE).glob("*.json"))),
+        "failed": sorted(p.stem for p in (folder / FAILED).glob("*.json")),
+    }
+
+
+def _record_digest(stats: Path) -> str:
+    """Digest of a completion record's counts (timings left out: a rerun that changes nothing
+    keeps the digest, so the folders made from it stay valid)."""
+    record = json.loads(stats.read_text())
+    kept = {k: v for k, v in record.items() if "second" not in k}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_finished(folder: str | os.PathLike, allow_incomplete: bool = False) -> dict[str, Any] | None:
+    """Refuse an input folder that is an unfinished step's output (no completion record),
+    naming what is missing; returns its step record (None for a plain folder of files)."""
+    record = step_record(folder)
+    if record is None or record["complete"] or allow_incomplete:
+        return record
+    failed = record["failed"]
+    detail = f"{record['done']} units done" + (f", {len(failed)} failed (e.g. {failed[0]})" if failed else "")
+    raise UserError(
+        f"{folder} is the output of an unfinished `{record['step']}` run ({detail}; no {STATS}): "
+        f"rerun that step's command to finish it, or pass --allow-incomplete to use what is there"
+    )
+
+
+def fingerprint(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, Any]:
+    """The input's identity: an upstream step's folder by its identity and completion record
+    (its own content is pinned by its markers), any other input by its files' paths and sizes."""
+    record = step_record(folder)
+    if record is not None and record["complete"]:
+        return {"step": record["step"], "hash": record["hash"], "record": record["record"],
+                "path": str(Path(folder).absolute())}
+    return files_fingerprint(files)
+
+
+def location(folder: str | os.PathLike) -> dict[str, str]:
+    """The input of a step whose units each record their own input file (`file_identity`):
+    where it is; what it holds is checked unit by unit."""
+    return {"path": str(Path(folder).absolute())}
+
+
+def files_fingerprint(files: Iterable[str | os.PathLike]) -> dict[str, Any]:
+    """Count and digest of (absolute path, size) of `files`."""
+    items = sorted((str(Path(f).absolute()), Path(f).stat().st_size) for f in files)
+    digest = hashlib.sha256("\n".join(f"{p}\t{n}" for p, n in items).encode()).hexdigest()
+    return {"files": len(items), "bytes": sum(n for _, n in items), "digest": digest[:16]}
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """One input file's identity for a unit marker: name, size and modification time."""
+    st = Path(path).stat()
+    return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# ---------------------------------------------------------------- one run at a time
+
+
+def hold_lock(folder: Path) -> int:
+    """Take `folder`'s lock for the rest of this process (a second call is a no-op) and return
+    its file descriptor (a child process given it holds the lock too). The OS releases an
+    flock when its last holder dies, so a crash never leaves a stale lock."""
+    key = str(folder)
+    held = _LOCKS.get(key)
+    if held is not None and _same_file(held, folder / LOCK):
+        return held.fileno()
+    f = open(folder / LOCK, "a+")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise FolderBusyError(f"{folder}: another run is writing this folder ({holder}); "
+                              "wait for it to finish or stop it, then rerun") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    _LOCKS[key] = f
+    return f.fileno()
+
+
+def _same_file(f: IO[str], path: Path) -> bool:
+    """The held lock is still the folder's lock file (the folder was not moved or remade)."""
+    try:
+        return os.fstat(f.fileno()).st_ino == path.stat().st_ino
+    except OSError:
+        return False
+
+
+def release_lock(folder: str | os.PathLike) -> None:
+    """Give a folder's lock back before this process ends (tests, long-lived drivers)."""
+    f = _LOCKS.pop(str(Path(folder).absolute()), None)
+    if f is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def _mismatch_message(path: Path, step: str, old: dict, new: dict) -> str:
@@ -79,8 +237,9 @@ def _mismatch_message(path: Path, step: str, old: dict, new: dict) -> str:
     ]
     if old.get("step") != step:
         diffs.insert(0, f"  step: {old.get('step')!r} -> {step!r}")
+    what = "input" if diffs and all(d.strip().startswith("input.") for d in diffs) else "config"
     return (
-        f"{path} holds the output of a run with a different config; refusing to mix outputs.\n"
+        f"{path} holds the output of a run with a different {what}; refusing to mix outputs.\n"
         + "\n".join(diffs[:20])
         + "\nUse a new output folder, or delete this one to start over."
     )

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from core.codeshard import TokenizerInfo, file_sha256
+from core.errors import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -29,7 +30,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _REQUIRED_KEYS = ("block_out_channels", "num_vq_embeddings", "latent_channels", "down_block_types")
 
 
-class VQError(ValueError):
+class VQError(UserError):
     """A VQ folder that is missing, incomplete or not a diffusers VQModel; names the file."""
 
 

@@ -21,19 +21,17 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-class StepIncomplete(RuntimeError):
-    """A step did all it could but some tasks did not finish; rerunning the same command
-    redoes exactly those. Commands report it as one line and exit 1 (not a traceback)."""
+from core.errors import StepIncomplete  # noqa: F401  (re-exported: steps raise it)
 
-
-# name -> module that defines STEP. Names are what pipelines.yaml lists.
+# name -> module that defines STEP. A step has this one name everywhere: the CLI command, the
+# pipelines.yaml section `curate.<name>` and pipeline entry, its module and its ledger's `step`.
 STEP_MODULES: dict[str, str] = {
-    "dedup": "curate.dedup",
-    "filter": "curate.filter",
-    "captions": "curate.captions",
-    "download": "curate.download",
-    "near-dup": "curate.neardup",
-    "score": "curate.score",
+    "dedup": "curate.metadata.dedup",
+    "filter": "curate.metadata.filter",
+    "captions": "curate.metadata.captions",
+    "download": "curate.download.step",
+    "neardup": "curate.images.neardup",
+    "score": "curate.images.score",
 }
 
 
@@ -60,8 +58,8 @@ class Step:
 
     @property
     def section(self) -> str:
-        """pipelines.yaml section of this step's settings: curate.<name with _>."""
-        return "curate." + self.name.replace("-", "_")
+        """pipelines.yaml section of this step's settings: curate.<name>."""
+        return "curate." + self.name
 
 
 def get_step(name: str) -> Step:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from core import atomic
+from core import atomic, rundir
 from core.codeshard import CodeDataset, CodeShardError
 from core.imageshard import iter_shard
 from core.vq import decode_codes, load_vq, vq_info
@@ -77,18 +76,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def source_folder(codes: Path) -> Path | None:
-    """The image-shard folder recorded in CODES/_config.yaml by the encoding run."""
-    cfg = codes / "_config.yaml"
-    if not cfg.is_file():
-        return None
-    source = ((yaml.safe_load(cfg.read_text()) or {}).get("config") or {}).get("input")
+    """The image-shard folder the encoding run read (its run folder's recorded input)."""
+    record = rundir.step_record(codes)
+    source = ((record or {}).get("input") or {}).get("path")
     return Path(source) if source else None
 
 
 def find_originals(source: Path | None, wanted: dict[str, list[tuple[str, int, int]]], res: int) -> dict[str, np.ndarray]:
     """{key: (res, res, 3) uint8} re-made from the source shards with the recorded crop.
     `wanted` maps shard stem -> [(key, crop_top, crop_left)]; missing shards/keys are skipped."""
-    from pretokenize.preprocess import decode_image, resize_and_crop
+    from core.image import decode_rgb
+    from pretokenize.preprocess import resize_and_crop
 
     found: dict[str, np.ndarray] = {}
     for stem, items in wanted.items():
@@ -99,7 +97,7 @@ def find_originals(source: Path | None, wanted: dict[str, list[tuple[str, int, i
         for sample in iter_shard(tar):
             if sample.key in crops and sample.image is not None:
                 top, left = crops[sample.key]
-                found[sample.key] = resize_and_crop(decode_image(sample.image), res, top, left).pixels
+                found[sample.key] = resize_and_crop(decode_rgb(sample.image), res, top, left).pixels
     return found
 
 

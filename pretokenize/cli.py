@@ -11,9 +11,8 @@ from rich.console import Console
 
 from core import config as C
 from core import ledger
-from core.codeshard import CodeShardError
+from core.cli import RAY_ADDRESS_HELP, ray_address, tidy_help, user_errors
 from core.imageshard import list_shards
-from core.vq import VQError
 
 app = typer.Typer(
     help="Encode image shards into VQ code shards: pretokenize --res 512 --input SHARDS --output CODES --vq VQDIR. "
@@ -23,7 +22,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: paths in errors stay copyable
 SUBSECTIONS = ("check", "fit_vq")  # nested under `pretokenize:` in pipelines.yaml
-USER_ERRORS = (C.ConfigError, VQError, CodeShardError, FileNotFoundError)
 
 
 def yaml_section(config: Optional[Path], sub: str | None = None) -> dict[str, Any]:
@@ -32,11 +30,6 @@ def yaml_section(config: Optional[Path], sub: str | None = None) -> dict[str, An
     if sub is not None:
         return C.section(section, sub)
     return {k: v for k, v in section.items() if k not in SUBSECTIONS}
-
-
-def fail(exc: BaseException) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(2)
 
 
 @app.callback(invoke_without_command=True)
@@ -49,13 +42,14 @@ def main(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder call (default 32)."),
     crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random (seeded per sample, recorded)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed of random crops (default 0)."),
-    keep_list: Optional[str] = typer.Option(None, "--keep-list", help="Parquet with key, shard columns (curate near-dup's keep.parquet): encode only those."),
+    keep_list: Optional[str] = typer.Option(None, "--keep-list", help="Parquet with key, shard columns (curate neardup's keep.parquet): encode only those."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Encoder precision: fp32 (the only one offered; see docs)."),
     executor: Optional[str] = typer.Option(None, "--executor", help="ray (default: actors, local or cluster) or local (in-process)."),
     num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Actors to start (default: one per GPU, else CPUs / cpus-per-actor)."),
     cpus_per_actor: Optional[int] = typer.Option(None, "--cpus-per-actor", help="CPUs per actor (default auto)."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Decode/resize threads per actor (default: the actor's CPUs)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster (default: a local Ray)."),
+    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Encode the shards of an unfinished download folder (no _stats.json) as they are."),
+    address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read (default ./pipelines.yaml, else the repo's)."),
 ) -> None:
     """Encode image shards into VQ code shards: `pretokenize --res 512 --input SHARDS --output CODES --vq VQDIR`."""
@@ -65,29 +59,18 @@ def main(
         console.print(ctx.get_help())
         console.print("[red]error:[/red] --input and --output are required to encode")
         raise typer.Exit(2)
-    from pretokenize.run import PretokenizeConfig, PretokenizeError, run
+    from pretokenize.run import PretokenizeConfig, run
 
     flags = dict(res=res, vq=vq, batch_size=batch_size, crop=crop, seed=seed, keep_list=keep_list, dtype=dtype,
-                 executor=executor, num_actors=num_actors, cpus_per_actor=cpus_per_actor, decode_threads=decode_threads)
-    try:
+                 executor=executor, num_actors=num_actors, cpus_per_actor=cpus_per_actor, decode_threads=decode_threads,
+                 allow_incomplete=allow_incomplete)
+    with user_errors():
         cfg = C.merge(PretokenizeConfig, yaml_section(config), flags, where="pretokenize")
-        stats = run(cfg, input, output, ray_address)
-    except PretokenizeError as exc:
-        ledger.print_counts(_stats_or_empty(output), console)
-        raise fail(exc)
-    except USER_ERRORS as exc:
-        raise fail(exc)
+        stats = run(cfg, input, output, ray_address(address, C.load_yaml(config)))
     ledger.print_counts(stats, console)
     for name, why in stats.get("damaged_shards", {}).items():
         console.print(f"[yellow]warning:[/yellow] shard {name} is damaged ({why}); its readable samples were kept")
     console.print(f"wrote {stats['kept']:,} code rows ({stats['grid'][0]}x{stats['grid'][1]} tokens) to {output}")
-
-
-def _stats_or_empty(output: Path) -> dict[str, Any]:
-    import json
-
-    path = Path(output) / "_stats.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @app.command("check")
@@ -102,12 +85,10 @@ def check_cmd(
     """Decode samples back to pixels: side-by-side PNGs (input | reconstruction), PSNR, codebook usage."""
     from pretokenize.check import CheckConfig, run_check
 
-    try:
+    with user_errors():
         cfg = C.merge(CheckConfig, yaml_section(config, "check"), dict(n=n, vq=vq, usage_rows=usage_rows),
                       where="pretokenize.check")
         report = run_check(cfg, input, output)
-    except USER_ERRORS as exc:
-        raise fail(exc)
     from pretokenize.check import print_report
 
     print_report(report, console)
@@ -131,13 +112,14 @@ def fit_vq_cmd(
 
     flags = dict(codebook=codebook, downsample=downsample, steps=steps, res=res, batch_size=batch_size,
                  width=width, seed=seed)
-    try:
+    with user_errors():
         cfg = C.merge(FitVQConfig, yaml_section(config, "fit_vq"), flags, where="pretokenize.fit_vq")
         list_shards(input)
         result = fit_vq(cfg, input, output)
-    except USER_ERRORS as exc:
-        raise fail(exc)
     console.print(
         f"saved VQ ({cfg.codebook} codes, f{cfg.downsample}) to {output}: recon MSE {result['recon_mse']:.4f}, "
         f"PSNR {result['psnr']:.2f} dB, codes used {result['codes_used']}/{cfg.codebook}"
     )
+
+
+tidy_help(app)

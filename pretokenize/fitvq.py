@@ -26,7 +26,8 @@ from core import atomic
 from core.imageshard import iter_shard, list_shards
 from core.progress import make_progress
 from core.vq import build_vq, save_vq, tiny_vq_config
-from pretokenize.preprocess import decode_image, resized_size, to_unit_tensor
+from core.image import decode_rgb
+from pretokenize.preprocess import resized_size, to_unit_tensor
 
 
 @dataclass
@@ -68,7 +69,7 @@ def load_images(input: str | os.PathLike, res: int, limit: int) -> list[np.ndarr
         encoded = sorted((sample.key, sample.image) for sample in iter_shard(tar) if sample.image is not None)
         for _, data in encoded:
             try:
-                img = decode_image(data)
+                img = decode_rgb(data)
             except Exception:  # skip undecodable images: fitting needs only enough good ones
                 continue
             out.append(np.asarray(img.resize(resized_size(*img.size, res), 2)))  # 2 = BILINEAR

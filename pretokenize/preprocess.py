@@ -1,6 +1,6 @@
 """Image preprocessing exactly as Meissonic's / aMUSEd's trainers do it, as small pure functions.
 
-    PIL decode -> EXIF transpose -> RGB (alpha composited on white)
+    decode (core.image.decode_rgb: pixel cap, EXIF transpose, RGB, alpha composited on white)
     -> resize the shorter side to `res` (bilinear, antialiased: torchvision `Resize(res)` on a
        PIL image, which is PIL's bilinear filter with its support widened when downscaling)
     -> square `res` x `res` crop (center: torchvision `CenterCrop`; random: a seeded
@@ -14,11 +14,12 @@ what those models were trained to read. See docs/pretokenize.md.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from core.image import DEFAULT_MAX_PIXELS, decode_rgb
 
 CROPS = ("center", "random")
 
@@ -63,26 +64,6 @@ def crop_offsets(new_w: int, new_h: int, res: int, mode: str, seed: int = 0) -> 
     raise ValueError(f"crop must be one of {CROPS}, got {mode!r}")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparent pixels composited on white (not the arbitrary colour under alpha=0)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> EXIF-transposed RGB PIL image (raises on undecodable or bomb-sized input)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-
-
 def resize_and_crop(img: Image.Image, res: int, top: int | None, left: int | None,
                     mode: str = "center", seed: int = 0) -> Prepared:
     """Resize the shorter side to res and crop; `top/left` given = reuse a recorded crop."""
@@ -95,9 +76,12 @@ def resize_and_crop(img: Image.Image, res: int, top: int | None, left: int | Non
     return Prepared(pixels, w, h, top, left)
 
 
-def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0) -> Prepared:
-    """Encoded image bytes -> the res x res uint8 crop and its micro-conditions."""
-    return resize_and_crop(decode_image(data), res, None, None, mode, seed)
+def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Encoded image bytes -> the res x res uint8 crop and its micro-conditions. Decoded by the
+    one safe decoder (core.image: pixel cap read from the header before decoding, EXIF
+    orientation, 16-bit scaled, transparency over white)."""
+    return resize_and_crop(decode_rgb(data, max_pixels), res, None, None, mode, seed)
 
 
 def to_unit_tensor(batch: np.ndarray, device=None):

@@ -12,7 +12,7 @@ step "1/7 metadata: 200k LAION-like rows (planted duplicates, missing scores) ->
 $BIN/curate synth --rows 200000 --files 8 --output demo/laion --captions-output demo/captions.parquet
 $BIN/curate run --pipeline demo
 
-step "2/7 images: photos served on 127.0.0.1 -> dedup -> filter -> download -> near-dup -> score"
+step "2/7 images: photos served on 127.0.0.1 -> dedup -> filter -> download -> neardup -> score"
 $BIN/python scripts/demo_web.py --out demo/web --n 320 -- $BIN/curate run --pipeline demo-web
 
 step "3/7 fit a small VQ tokenizer on the downloaded images (no real checkpoint is at hand offline)"
@@ -20,7 +20,7 @@ $BIN/pretokenize fit-vq --input demo/web-out/download --output demo/vq --codeboo
 
 step "4/7 pretokenize: images -> VQ code shards (near-duplicates skipped via keep.parquet)"
 $BIN/pretokenize --res 64 --input demo/web-out/download --output demo/codes --vq demo/vq \
-  --keep-list demo/web-out/near-dup/keep.parquet
+  --keep-list demo/web-out/neardup/keep.parquet
 $BIN/pretokenize check --input demo/codes --n 8
 
 step "5/7 train the debug model on the codes (resumable: rerun the same command to continue)"

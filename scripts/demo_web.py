@@ -22,11 +22,12 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import mmh3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
+
+from core import laion
 
 # (skimage.data function, words for its captions)
 PHOTOS = {
@@ -120,7 +121,7 @@ def write_metadata(path: Path, rows: list[dict], rng: np.random.Generator) -> No
             "WIDTH": [r["WIDTH"] for r in rows],
             "HEIGHT": [r["HEIGHT"] for r in rows],
             "similarity": rng.uniform(0.25, 0.40, n),
-            "hash": pa.array([mmh3.hash64((r["URL"] + r["TEXT"]).encode())[0] for r in rows], pa.int64()),
+            "hash": laion.hash64(pa.array([r["URL"] for r in rows]), pa.array([r["TEXT"] for r in rows])),
             "punsafe": rng.uniform(0.0, 0.1, n).astype(np.float32),
             "pwatermark": rng.uniform(0.0, 0.3, n).astype(np.float32),
             "aesthetic": rng.uniform(4.6, 7.0, n).astype(np.float32),

@@ -25,13 +25,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import atomic
+from core.errors import UserError
 
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "state.pt", "meta.json")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing files, another config)."""
 
 

@@ -14,25 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from core.codeshard import CodeShardError
+from core.cli import tidy_help, user_errors
 from core.config import ConfigError, deep_merge, parse_sets
 
 app = typer.Typer(help="Train the Meissonic transformer on code shards.", add_completion=False,
                   no_args_is_help=True)
 console = Console()
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix: print one line, exit 2 (no traceback)."""
-    from core.vq import VQError
-    from train.checkpoint import CheckpointError
-
-    return (ConfigError, CodeShardError, CheckpointError, VQError, FileNotFoundError)
-
-
-def _fail(exc: BaseException) -> None:
-    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command("run")
@@ -52,11 +39,9 @@ def run_cmd(
 
     flags: dict[str, Any] = {"data": {"path": data}, "steps": steps, "batch_size": batch_size,
                              "micro_batch_size": micro_batch_size}
-    try:
+    with user_errors():
         cfg = load_stage(stage, config, deep_merge(flags, parse_sets(sets)))
         summary = run(cfg, stage, run_dir or Path("runs") / stage)
-    except _user_errors() as exc:
-        _fail(exc)
     console.print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}")
 
 
@@ -77,13 +62,11 @@ def sample_cmd(
     """Generate images for prompts from a trained checkpoint and save them as one grid."""
     from train.sampler import sample_to_file
 
-    if decode not in ("vq", "codes") or steps < 1 or n < 1:
-        _fail(ConfigError("--decode must be vq or codes; --steps and --n must be >= 1"))
-    try:
+    with user_errors():
+        if decode not in ("vq", "codes") or steps < 1 or n < 1:
+            raise ConfigError("--decode must be vq or codes; --steps and --n must be >= 1")
         path = sample_to_file(checkpoint, prompt, out, steps=steps, cfg=cfg, seed=seed, n=n,
                               negative_prompt=negative_prompt, vq_path=vq, decode=decode, ema=ema)
-    except _user_errors() as exc:
-        _fail(exc)
     console.print(f"wrote {path}")
 
 
@@ -98,10 +81,11 @@ def plan_cmd(
     """Estimate GPU-days of a stage from its FLOPs per token, beside the paper's 48 H100-days."""
     from train.stages import load_stage, plan_stage
 
-    try:
-        result = plan_stage(load_stage(stage, config), gpus, gpu, mfu)
-    except (ConfigError, ValueError) as exc:
-        _fail(exc)
+    with user_errors():
+        try:
+            result = plan_stage(load_stage(stage, config), gpus, gpu, mfu)
+        except ValueError as exc:  # an unknown GPU or an MFU outside (0, 1]
+            raise ConfigError(str(exc)) from exc
     table = Table(title=f"plan: {stage} on {gpus} x {gpu.upper()} at {mfu:.0%} MFU")
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -109,6 +93,8 @@ def plan_cmd(
         table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
     console.print(table)
 
+
+tidy_help(app)
 
 if __name__ == "__main__":
     app()

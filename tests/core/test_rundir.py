@@ -1,10 +1,18 @@
-"""core.rundir: resolved config first, a different config refused, markers, temp cleanup."""
+"""core.rundir: identity first, a different one refused, markers, temp cleanup, one run at a
+time, and inputs that are unfinished step outputs refused."""
 from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import yaml
 import pytest
 
-from core.rundir import ConfigMismatchError, RunDir
+from core import rundir
+from core.config import execution
+from core.errors import UserError
+from core.rundir import ConfigMismatchError, FolderBusyError, RunDir
 
 
 def test_open_writes_config_and_reopens(tmp_path):
@@ -39,4 +47,61 @@ def test_open_removes_leftover_temps(tmp_path):
     (tmp_path / "_tmp.abc.part-0.parquet").write_text("half")
     (tmp_path / "part-1.parquet").write_text("whole")
     RunDir.open(tmp_path, "s", {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_config.yaml", "part-1.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_config.yaml", "_lock", "part-1.parquet"]
+
+
+@dataclass
+class _Cfg:
+    threshold: float = 4.5
+    threads: int = execution(1)
+
+
+def test_identity_leaves_out_execution_fields_and_names_input_changes(tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.parquet").write_bytes(b"1234")
+    fp = rundir.fingerprint(inp, [inp / "a.parquet"])
+    ident = rundir.identity(_Cfg(threads=8), fp)
+    assert ident["settings"] == {"threshold": 4.5} and ident["input"]["files"] == 1
+    rd = RunDir.open(tmp_path / "out", "filter", ident)
+    assert RunDir.open(tmp_path / "out", "filter", rundir.identity(_Cfg(threads=2), fp)).hash == rd.hash
+    (inp / "a.parquet").write_bytes(b"12345")  # the input changed: refused, saying it is the input
+    changed = rundir.identity(_Cfg(), rundir.fingerprint(inp, [inp / "a.parquet"]))
+    with pytest.raises(ConfigMismatchError, match="different input"):
+        RunDir.open(tmp_path / "out", "filter", changed)
+
+
+def test_an_unfinished_step_output_is_refused_as_input(tmp_path):
+    rd = RunDir.open(tmp_path / "dl", "download", {"x": 1})
+    rd.mark_done("00000")
+    rd.failed_path("00001").parent.mkdir(parents=True)
+    rd.failed_path("00001").write_text("{}")
+    with pytest.raises(UserError, match=r"unfinished `download` run \(1 units done, 1 failed \(e.g. 00001\)"):
+        rundir.check_finished(tmp_path / "dl")
+    assert rundir.check_finished(tmp_path / "dl", allow_incomplete=True)["complete"] is False
+    (tmp_path / "dl" / "_stats.json").write_text('{"rows_in": 1, "kept": 1, "task_seconds": 3}')
+    record = rundir.check_finished(tmp_path / "dl")
+    assert record["complete"] and record["step"] == "download"
+    assert rundir.check_finished(tmp_path) is None  # a plain folder of files: nothing to check
+    # The completion record's digest ignores timings: a rerun that changes nothing keeps it.
+    (tmp_path / "dl" / "_stats.json").write_text('{"rows_in": 1, "kept": 1, "task_seconds": 9}')
+    assert rundir.step_record(tmp_path / "dl")["record"] == record["record"]
+
+
+def test_a_second_live_run_on_a_folder_is_refused_and_a_dead_one_leaves_no_lock(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from core.rundir import RunDir; RunDir.open(sys.argv[1], 's', {}); "
+        "print('held', flush=True); time.sleep(60)"), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "_tmp.x.part-0.parquet").write_text("the live run's file")
+        with pytest.raises(FolderBusyError, match=f"another run is writing this folder \\(pid {holder.pid}"):
+            RunDir.open(out, "s", {})
+        assert (out / "_tmp.x.part-0.parquet").exists()  # never deleted under a live run
+    finally:
+        holder.kill()
+        holder.wait()
+    RunDir.open(out, "s", {})  # the OS dropped the dead run's lock
+    assert not (out / "_tmp.x.part-0.parquet").exists()
+    rundir.release_lock(out)

@@ -1,4 +1,4 @@
-"""Image shards for the near-dup / score tests, written with core.imageshard.write_shard.
+"""Image shards for the neardup / score tests, written with core.imageshard.write_shard.
 
 Real photos from scikit-image (offline), encoded as img2dataset would store them, with
 the `.json` fields img2dataset writes (original size, sha256, url, LAION columns)."""
@@ -68,7 +68,7 @@ def write_with_parquet(folder: Path, name: str, samples: list[Sample], extra_suc
 
 
 def neardup_shards(folder: Path) -> Path:
-    """Two shards exercising every near-dup rule (expected outcomes in test_neardup.py)."""
+    """Two shards exercising every neardup rule (expected outcomes in test_neardup.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     astro, coffee = photo("astronaut"), jpeg(photo("coffee"))
     truncated = jpeg(photo("chelsea"))

@@ -26,7 +26,7 @@ def tiny_clip_files(folder: Path, name: str = TINY_CLIP_NAME, cfg: dict = TINY_C
 
 
 def tiny_aesthetic_file(folder: Path, dim: int = 32) -> Path:
-    from curate.scorers.aesthetic import AestheticMLP
+    from curate.images.scorers.aesthetic import AestheticMLP
 
     torch.manual_seed(1)
     path = folder / "sac+logos+ava1-l14-linearMSE.pth"
@@ -35,7 +35,7 @@ def tiny_aesthetic_file(folder: Path, dim: int = 32) -> Path:
 
 
 def small_watermark_file(folder: Path, arch: str = SMALL_WATERMARK_ARCH) -> Path:
-    from curate.scorers.watermark import build_watermark_model
+    from curate.images.scorers.watermark import build_watermark_model
 
     torch.manual_seed(2)
     path = folder / "watermark_model_v1.pt"

@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 from core.config import ConfigError
-from curate import pipeline, steps, synth
+from curate import pipeline, steps
+from curate.metadata import synth
 from curate.steps import Step
 from metadata_data import read_out
 
@@ -89,7 +90,7 @@ def _tree(folder):
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = str(p.relative_to(folder))
-        if p.is_dir() or rel.startswith("_staged-"):
+        if p.is_dir() or rel.startswith("_staged-") or rel == "_lock":
             continue
         out[rel] = pq.read_table(p) if p.suffix == ".parquet" else p.read_text()
         if rel.startswith("_done/"):  # a task's own timing is the one thing that may differ
@@ -113,7 +114,7 @@ def _assert_same_folders(a, b):
 
 def _unfused(monkeypatch):
     import dataclasses
-    from curate import dedup
+    from curate.metadata import dedup
     monkeypatch.setattr(dedup, "STEP", dataclasses.replace(dedup.STEP, fuse_next=None))
 
 
@@ -130,7 +131,7 @@ def _run_both(data, monkeypatch, doc):
 
 def _count_adopted(monkeypatch) -> list[int]:
     """Record what each filter run adopted from staged parts."""
-    from curate import metadata_exec as mx
+    from curate.metadata import exec as mx
     counts, real = [], mx.adopt_staged
     monkeypatch.setattr(mx, "adopt_staged", lambda *a: counts.append(real(*a)) or counts[-1])
     return counts
@@ -154,7 +155,7 @@ def test_fused_empty_bucket_and_crash_before_adoption(ray_local, data, monkeypat
     # parts are adopted and the output is identical.
     doc = _doc(data, ["dedup", "filter"], dedup={"buckets": 40})
     unfused, ref, out = _run_both(data, monkeypatch, doc)
-    from curate import filter as flt
+    from curate.metadata import filter as flt
 
     def crash(*a, **k):
         raise RuntimeError("killed")
@@ -172,7 +173,7 @@ def test_fused_rerun_with_other_settings_never_adopts_stale_parts(ray_local, dat
     doc = _doc(data, ["dedup", {"step": "filter", "aesthetic": 6.0}])
     unfused, ref, out = _run_both(data, monkeypatch, doc)
     stale = _doc(data, ["dedup", {"step": "filter", "aesthetic": 4.5}])
-    from curate import filter as flt
+    from curate.metadata import filter as flt
     with monkeypatch.context() as m:
         m.setattr(flt, "observed_ranges", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
         with pytest.raises(RuntimeError):  # killed after dedup, before filter opens its folder

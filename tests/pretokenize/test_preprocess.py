@@ -48,22 +48,15 @@ def test_random_crop_seeded_and_in_bounds():
         P.crop_offsets(10, 10, 10, "diag")
 
 
-def test_exif_orientation_is_applied():
-    arr = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 tall as stored
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90: displayed 20 wide, 40 tall
-    img = P.decode_image(jpeg(arr, exif=exif.tobytes()))
-    assert img.size == (20, 40) and img.mode == "RGB"
+def test_prepare_decodes_with_the_one_safe_decoder():
+    """pretokenize decodes through core.image: the pixel cap is read from the header, so a
+    bomb is refused before it is decoded (the EXIF/alpha/16-bit cases: tests/core/test_image.py)."""
+    from core.image import DecodeError
 
-
-def test_alpha_composited_on_white():
-    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
-    buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
-    img = P.decode_image(buf.getvalue())
-    assert img.mode == "RGB" and np.all(np.asarray(img) == 255)
-    gray = P.to_rgb(Image.new("L", (4, 4), 7))
-    assert gray.mode == "RGB" and np.asarray(gray)[0, 0].tolist() == [7, 7, 7]
+    big = np.zeros((300, 400, 3), np.uint8)
+    with pytest.raises(DecodeError, match="too many pixels: 400x300 > max_pixels=1000"):
+        P.prepare(jpeg(big), 32, max_pixels=1000)
+    assert P.prepare(jpeg(big), 32).pixels.shape == (32, 32, 3)
 
 
 def test_prepare_and_unit_tensor():

@@ -1,4 +1,4 @@
-"""pretokenize.run / worker: codes equal diffusers' own, ledger states, keep list, damage,
+"""pretokenize.run / encode: codes equal diffusers' own, ledger states, keep list, damage,
 resume, config guard, actor sizing. In-process executor here; the Ray path is in test_pretokenize_cli."""
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from core.imageshard import iter_shard
 from core.rundir import ConfigMismatchError
 from core.vq import VQError, load_vq, vq_info
 from pretokenize import preprocess
-from pretokenize.run import PretokenizeConfig, plan_actors, run, shard_stem
-from pretokenize.worker import original_size, score
+from core.keeplist import shard_id
+from pretokenize.encode import original_size
+from pretokenize.run import PretokenizeConfig, plan_actors, run
 
 RES = 32  # as in conftest: the tiny f4 VQ gives 8x8 grids
 
@@ -179,10 +180,7 @@ def test_config_validation():
 
 
 def test_small_helpers():
-    assert shard_stem("/a/b/00012.tar") == "00012" == shard_stem("00012")
-    assert score({"AESTHETIC_SCORE": 6}, ("aesthetic", "AESTHETIC_SCORE")) == 6.0
-    assert score({"aesthetic": float("nan")}, ("aesthetic",)) is None
-    assert score({"aesthetic": "high"}, ("aesthetic",)) is None
+    assert shard_id("/a/b/00012.tar") == "00012" == shard_id("00012")
     assert original_size({"original_width": 400, "original_height": 300}, 40, 30) == (400, 300)
     # a crop by img2dataset changes the aspect ratio: the stored image's own size is used
     assert original_size({"original_width": 400, "original_height": 300}, 30, 30) == (30, 30)

@@ -1,0 +1,219 @@
+"""One way to run per-unit work (an input file, a bucket, a shard) for every step.
+
+    units = [Unit("p1-00000", (f, 0)), ...]
+    infos = run_units(rd, units, partition, "dedup: partition", Resources(cpus=2))
+    infos = run_units(rd, units, encode, "pretokenize", Resources(cpus=4, gpus=1),
+                      setup=ShardEncoder, setup_args=(vq_path,), actors=8)
+
+A unit runs unless its completion marker (`rd.marker(name)`) is present and was written for
+the same input (`Unit.input`, e.g. the size and marker of the shard it reads: a redone
+upstream shard is redone here too). It runs
+  * as a Ray task, `fn(*args)`;
+  * or on a pool of Ray actors that each ran `setup(*setup_args)` once (a model loaded once),
+    `fn(state, *args)`; each actor takes the next unit as soon as it is free;
+  * or in this process (`executor="local"`) for tests and small inputs.
+The unit's function writes its outputs (temp name, rename); the runner then writes the unit's
+marker, in the worker: what `fn` returned, its wall and CPU seconds and its input.
+
+Failure policy, the same for every step: a unit that raises (or whose worker dies) is recorded
+in OUT/_failed/<unit>.json with its error and the other units go on; at the end the step
+raises StepIncomplete: how many failed and the first error, one line. A rerun of the same
+command runs exactly the units without a marker.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from core import atomic
+from core.errors import StepIncomplete
+from core.progress import make_progress
+from core.rundir import RunDir
+
+FAILED_DIR = "_failed"
+EXECUTORS = ("ray", "local")
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # marker name, unique in the run folder ("p1-00003", "00012")
+    args: tuple = ()  # arguments of the unit function
+    input: Any = None  # JSON-able identity of what the unit reads; a marker for another input is stale
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1  # Ray CPUs per task or actor
+    gpus: float = 0  # Ray GPUs per task or actor
+
+
+def is_done(rd: RunDir, unit: Unit) -> bool:
+    """True when the unit's marker exists and was written for the unit's current input."""
+    if not rd.is_done(unit.name):
+        return False
+    return unit.input is None or rd.done_info(unit.name).get("input") == unit.input
+
+
+def execute(rd: RunDir, unit: Unit, fn: Callable[..., dict], state: Any = None) -> dict:
+    """Run one unit here (in a Ray worker or the driver) and write its marker; returns the marker info."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    info = fn(*unit.args) if state is None else fn(state, *unit.args)
+    info = {**(info or {}), "task_seconds": round(time.perf_counter() - wall, 3),
+            "task_cpu_seconds": round(time.process_time() - cpu, 3)}
+    if unit.input is not None:
+        info["input"] = unit.input
+    rd.mark_done(unit.name, info)  # last: the unit's outputs are in place
+    rd.failed_path(unit.name).unlink(missing_ok=True)
+    return info
+
+
+class _UnitActor:
+    """A Ray actor body: the state (`setup(*args)`) is built once; units run on it in turn."""
+
+    def __init__(self, setup: Callable[..., Any], args: tuple) -> None:
+        self.state = setup(*args)
+
+    def run(self, rd: RunDir, unit: Unit, fn: Callable[..., dict]) -> dict:
+        return execute(rd, unit, fn, self.state)
+
+
+def run_units(rd: RunDir, units: Sequence[Unit], fn: Callable[..., dict], description: str,
+              resources: Resources = Resources(), *, setup: Callable[..., Any] | None = None,
+              setup_args: tuple = (), actors: int | None = None, executor: str = "ray") -> list[dict]:
+    """Run every unit not yet done (see module doc); returns each unit's marker info, in order.
+    Raises StepIncomplete after all units ran if any failed."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    todo = [u for u in units if not is_done(rd, u)]
+    skipped = len(units) - len(todo)
+    label = description + (f" ({skipped} done before)" if skipped else "")
+    if todo:
+        rd.unfinish()  # readers see the folder as unfinished until the step completes it again
+        if executor == "local":
+            failures = _run_local(rd, todo, fn, label, setup, setup_args)
+        elif setup is not None:
+            failures = _run_actors(rd, todo, fn, label, resources, setup, setup_args, actors)
+        else:
+            failures = _run_tasks(rd, todo, fn, label, resources)
+        if failures:
+            _record(rd, failures)
+            raise StepIncomplete(incomplete_message(rd, failures, len(units)))
+    return [rd.done_info(u.name) for u in units]
+
+
+def incomplete_message(rd: RunDir, failures: dict[str, str], total: int) -> str:
+    name, error = next(iter(failures.items()))
+    return (f"{description_of(rd)}: {len(failures)} of {total} units failed (first: {name}: {error}); "
+            f"the others are done. Errors in {rd.path / FAILED_DIR}; rerun the same command to redo the failed units")
+
+
+def description_of(rd: RunDir) -> str:
+    return f"{rd.step} in {rd.path}"
+
+
+class Failure(str):
+    """A unit's error as one line (the str), with the whole text kept for OUT/_failed/."""
+
+    detail: str = ""
+
+
+def _failure(exc: BaseException) -> Failure:
+    cause = getattr(exc, "cause", None)  # a Ray task error carries the task's own exception
+    own = cause if isinstance(cause, BaseException) else exc
+    lines = str(own).strip().splitlines()
+    out = Failure(f"{type(own).__name__}: {lines[0] if lines else ''}")
+    out.detail = "".join(traceback.format_exception(exc))
+    return out
+
+
+def _record(rd: RunDir, failures: dict[str, str]) -> None:
+    for name, error in failures.items():
+        atomic.write_json(rd.failed_path(name), {"unit": name, "error": str(error),
+                                                 "detail": getattr(error, "detail", "")})
+
+
+def _run_local(rd: RunDir, todo: list[Unit], fn: Callable, label: str, setup: Callable | None,
+               setup_args: tuple) -> dict[str, str]:
+    state = setup(*setup_args) if setup is not None else None
+    failures: dict[str, str] = {}
+    with make_progress() as progress:
+        bar = progress.add_task(label, total=len(todo))
+        for unit in todo:
+            try:
+                execute(rd, unit, fn, state)
+            except Exception as exc:  # noqa: BLE001 - the failure policy records every error
+                failures[unit.name] = _failure(exc)
+            progress.advance(bar)
+    return failures
+
+
+_REMOTE: Any = None
+
+
+def _run_tasks(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources: Resources) -> dict[str, str]:
+    global _REMOTE
+    import ray
+
+    from core.ray_util import init_ray
+
+    init_ray()  # the caller's Ray (CLI, pipeline, tests), else a local one
+    _REMOTE = _REMOTE or ray.remote(execute)
+    # Ray retries a task whose worker died (an OOM kill, a lost node); an exception the unit
+    # raised is not retried: it is recorded.
+    remote = _REMOTE.options(num_cpus=resources.cpus, num_gpus=resources.gpus)
+    refs = {remote.remote(rd, u, fn): u for u in todo}
+    failures: dict[str, str] = {}
+    pending = list(refs)
+    with make_progress() as progress:
+        bar = progress.add_task(label, total=len(refs))
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a task error or a dead worker, recorded
+                failures[refs[ref].name] = _failure(exc)
+            progress.advance(bar)
+    return failures
+
+
+def _run_actors(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources: Resources,
+                setup: Callable, setup_args: tuple, actors: int | None) -> dict[str, str]:
+    """Keep every actor busy with one unit at a time; a dead actor is dropped (its unit recorded
+    as failed), an actor whose unit raised takes the next one."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from core.ray_util import init_ray
+
+    init_ray()
+    cls = ray.remote(_UnitActor).options(num_cpus=resources.cpus, num_gpus=resources.gpus)
+    pool = [cls.remote(setup, setup_args) for _ in range(max(1, min(actors or 1, len(todo))))]
+    free, queue, inflight, failures = list(pool), deque(todo), {}, {}
+    try:
+        with make_progress() as progress:
+            bar = progress.add_task(label, total=len(todo))
+            while queue or inflight:
+                while free and queue:
+                    actor, unit = free.pop(), queue.popleft()
+                    inflight[actor.run.remote(rd, unit, fn)] = (actor, unit)
+                if not inflight:  # every actor died
+                    failures.update({u.name: "no live worker left" for u in queue})
+                    break
+                (ref,), _ = ray.wait(list(inflight), num_returns=1)
+                actor, unit = inflight.pop(ref)
+                try:
+                    ray.get(ref)
+                    free.append(actor)
+                except RayActorError as exc:
+                    failures[unit.name] = _failure(exc)
+                except Exception as exc:  # noqa: BLE001 - the unit raised: keep the actor
+                    failures[unit.name] = _failure(exc)
+                    free.append(actor)
+                progress.advance(bar)
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    return failures

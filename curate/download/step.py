@@ -1,0 +1,262 @@
+"""`curate download`: img2dataset into verified webdataset shards, with full accounting.
+
+Input: the parquet folder a previous curate step wrote (`IN/*.parquet`, `_` names skipped).
+Output folder OUT:
+    NNNNN.tar, NNNNN.parquet, NNNNN_stats.json   img2dataset's webdataset shards (verified)
+    _plan.json        the shard plan (curate.download.plan)
+    _done/NNNNN.json  completion marker of a verified shard (sizes, counts)
+    _ledger/NNNNN.parquet  one part per original shard: every input row kept or failed
+    _retry/NNNNN.parquet   inputs of retry shards (`--retry-failed`)
+    _staging/<attempt>/    img2dataset's output while it runs
+    _logs/            img2dataset's output and spec per call; _stats.json: the reconciled counts
+
+A run plans the shards once, adopts what earlier attempts left verified in staging, and runs
+img2dataset once (in `curate.download.worker`, a subprocess under `curate.download.watchdog`)
+over the shards without a marker; each shard is verified and adopted as soon as img2dataset
+finishes it (`curate.download.adopt`). A shard that fails verification is left unmarked and
+the step ends incomplete: rerun to redo exactly those.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core import atomic, laion, ledger, rundir
+from core.config import ConfigError, execution
+from core.errors import StepIncomplete
+from core.rundir import RunDir, hold_lock
+from curate.download import adopt
+from curate.download import ledger as download_ledger
+from curate.download.plan import SOURCE_COLUMNS, ShardEntry, ShardPlan, add_retry_shards, make_plan
+from curate.download.spec import worker_spec
+from curate.download.verify import ShardCheck
+from curate.download.watchdog import supervise
+from curate.steps import Step
+
+RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+DISTRIBUTORS = ("auto", "ray", "multiprocessing")
+
+
+class DownloadIncomplete(StepIncomplete):
+    """Some shards did not finish or failed verification; a rerun redoes exactly those."""
+
+
+@dataclass
+class DownloadConfig:
+    """Settings of `curate download` (section `curate.download` of pipelines.yaml)."""
+
+    image_size: int = 512  # output side in pixels (img2dataset image_size)
+    resize_mode: str = "center_crop"  # one of RESIZE_MODES (img2dataset resize_mode)
+    resize_only_if_bigger: bool = False  # never upscale small images
+    encode_format: str = "jpg"  # image format stored in the tars: jpg | png | webp
+    encode_quality: int = 95  # jpg/webp quality 0-100, png compression 0-9
+    url_col: str = "URL"  # input column holding the image URL
+    caption_col: str = "TEXT"  # input column holding the caption (-> .txt)
+    # Input columns copied into each sample's .json and the shard parquet, when present, found
+    # by core.laion.stored_name (so `aesthetic` also finds AESTHETIC_SCORE). `hash` (LAION's
+    # row id) is computed when the input lacks it.
+    metadata_columns: list[str] = field(
+        default_factory=lambda: ["hash", "aesthetic", "pwatermark", "punsafe", "similarity", "long_caption"]
+    )
+    samples_per_shard: int = 10000  # input rows per shard (img2dataset number_sample_per_shard)
+    processes: int | None = execution(None)  # local worker processes (None: all CPUs); Ray ignores it
+    threads: int = execution(64)  # download threads per process
+    timeout: float = execution(10.0)  # seconds a socket may stall (connect or read) before failing
+    max_download_seconds: float = execution(60.0)  # total seconds for one body: stops slow trickles
+    stall_seconds: float = execution(900.0)  # no shard file changed this long: stop img2dataset (a hung pool)
+    retries: int = execution(2)  # immediate retries of a transient failure (timeouts, 429, 5xx, resets)
+    max_bytes: int = 64 * 1024 * 1024  # largest body accepted; more -> failed too_large
+    max_pixels: int = 100_000_000  # largest width*height (from the header) decoded
+    max_aspect_ratio: float = 10.0  # long/short side; beyond it a resize would explode
+    min_image_size: int = 0  # smaller short side -> failed too_small
+    user_agent_token: str = "tessera"  # named in the User-Agent and matched in X-Robots-Tag
+    # img2dataset's distributor: auto = its Ray distributor when the command joined a Ray cluster
+    # (--ray-address, RAY_ADDRESS, ray.address), else local processes; ray | multiprocessing to choose.
+    distributor: str = execution("auto")
+    retry_failed: bool = execution(False)  # after the run, re-queue transient failures into new shards
+    allow_incomplete: bool = execution(False)  # use an unfinished upstream folder (no _stats.json) as it is
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.distributor not in DISTRIBUTORS:
+            raise ValueError(f"distributor must be one of {', '.join(DISTRIBUTORS)}, got {self.distributor!r}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"encode_format must be one of {', '.join(ENCODE_FORMATS)}, got {self.encode_format!r}")
+        positive = ("image_size", "samples_per_shard", "threads", "timeout", "max_download_seconds", "stall_seconds",
+                    "max_bytes", "max_pixels")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.processes is not None and self.processes <= 0:
+            raise ValueError(f"processes must be > 0 (or null for all CPUs), got {self.processes}")
+        if self.retries < 0 or self.min_image_size < 0:
+            raise ValueError("retries and min_image_size must be >= 0")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if not self.user_agent_token.strip():
+            raise ValueError("user_agent_token must name this crawler (site owners opt out by it)")
+        clash = set(self.metadata_columns) & {"url", "caption", "key", "status", "error_message", "sha256", *SOURCE_COLUMNS}
+        if clash:
+            raise ValueError(f"metadata_columns may not include img2dataset's own columns: {sorted(clash)}")
+
+
+# ---------------------------------------------------------------- inputs and plan
+
+
+def list_inputs(inp: str | os.PathLike) -> list[Path]:
+    """The input parquet files: a folder's `*.parquet` (skipping `_` names) or one file."""
+    p = Path(inp)
+    files = [p] if p.is_file() else sorted(x for x in p.glob("*.parquet") if not x.name.startswith("_"))
+    if not files:
+        raise ConfigError(f"{inp}: no input parquet files (expected the output folder of a curate step)")
+    return files
+
+
+def input_columns(cfg: DownloadConfig, files: list[Path]) -> dict[str, Any]:
+    """Which metadata columns to carry, checked against every input file's schema."""
+    names = [set(pq.read_schema(f).names) for f in files]
+    for f, cols in zip(files, names):
+        missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in cols]
+        if missing:
+            raise ConfigError(f"{f}: no column {missing[0]!r} (set url_col / caption_col in curate.download)")
+    common = set.intersection(*names)
+    stored = [laion.stored_name(common, c) for c in cfg.metadata_columns]
+    extra = list(dict.fromkeys(s for s in stored if s is not None))
+    extra += ["hash"] if "hash" in cfg.metadata_columns and "hash" not in extra else []
+    return {"url": cfg.url_col, "caption": cfg.caption_col, "extra": extra, "compute_hash": "hash" not in common}
+
+
+def load_plan(rd: RunDir, cfg: DownloadConfig, files: list[Path]) -> ShardPlan:
+    path = rd.path / "_plan.json"
+    if path.is_file():
+        return ShardPlan.load(path)
+    plan = make_plan(files, cfg.samples_per_shard)
+    plan.save(path)
+    return plan
+
+
+# ---------------------------------------------------------------- one img2dataset call
+
+
+def download_batch(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPlan,
+                   entries: list[ShardEntry]) -> list[ShardCheck]:
+    """One img2dataset call over `entries`, each shard adopted as it finishes; returns the
+    checks of the shards that did not end verified."""
+    attempt = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{os.getpid()}"
+    staging = rd.path / adopt.STAGING / attempt
+    staging.mkdir(parents=True)
+    caption = bool(cfg.caption_col)
+
+    def poll() -> int:
+        adopt.adopt_finished(rd, plan, entries, staging, caption)
+        return sum(rd.is_done(plan.name(e.id)) for e in entries)
+
+    rc = run_worker(rd, worker_spec(cfg, staging, columns, plan, entries), staging, poll, len(entries), cfg.stall_seconds)
+    failed = adopt.adopt_finished(rd, plan, entries, staging, caption, final=True)
+    if rc != 0:
+        for c in failed:
+            c.problems.append(f"img2dataset worker exited with code {rc} (see {rd.path / '_logs'})")
+    shutil.rmtree(staging, ignore_errors=True)
+    return failed
+
+
+def run_worker(rd: RunDir, spec: dict[str, Any], staging: Path, poll: Any, total: int, stall_seconds: float) -> int:
+    """Run img2dataset in `curate.download.worker` under the watchdog; its log and spec in OUT/_logs."""
+    logs = rd.path / "_logs"
+    logs.mkdir(exist_ok=True)
+    stamp = f"img2dataset-{staging.name}"
+    spec_path, log = logs / f"{stamp}.spec.json", logs / f"{stamp}.log"
+    atomic.write_json(spec_path, spec)
+    env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS=str(spec["limits"]["max_pixels"]), PYTHONUNBUFFERED="1",
+               NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "curate.download.worker", str(spec_path)]
+    return supervise(cmd, env, log, staging, poll, total, stall_seconds, lock_fd=hold_lock(rd.path))
+
+
+# ---------------------------------------------------------------- retry of transient failures
+
+
+def plan_retries(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPlan) -> list[ShardEntry]:
+    """Write the transient failures' input rows as new shards after the last one; returns them."""
+    keys = download_ledger.transient_keys(rd.path)
+    if not keys:
+        return []
+    new = add_retry_shards(plan, retry_rows(rd, cfg, columns, plan, keys), cfg.samples_per_shard, rd.path / "_retry")
+    plan.save(rd.path / "_plan.json")
+    return new
+
+
+def retry_rows(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPlan, keys: list[str]) -> pa.Table:
+    """The full input rows (original column names) of the samples `keys`, from their shard parquets."""
+    by_shard: dict[int, set[str]] = {}
+    for k in keys:
+        by_shard.setdefault(plan.shard_of_key(k), set()).add(k)
+    wanted = ["url", "caption", *columns["extra"], *SOURCE_COLUMNS]
+    parts = []
+    for sid, ks in sorted(by_shard.items()):
+        t = pq.read_table(rd.path / f"{plan.name(sid)}.parquet", columns=wanted + ["key"])
+        mask = pa.array([k in ks for k in t.column("key").to_pylist()])
+        parts.append(t.filter(mask).select(wanted))
+    table = pa.concat_tables(parts)
+    names = {"url": cfg.url_col, "caption": cfg.caption_col}
+    return table.rename_columns([names.get(c, c) for c in table.column_names])
+
+
+# ---------------------------------------------------------------- the step
+
+
+def run(cfg: DownloadConfig, inp: str, out: str) -> dict[str, Any]:
+    """Download every input row into verified shards; returns the reconciled stats.
+
+    Raises DownloadIncomplete (after doing all it could) when shards remain unfinished."""
+    rundir.check_finished(inp, cfg.allow_incomplete)
+    files = list_inputs(inp)
+    columns = input_columns(cfg, files)
+    rd = RunDir.open(out, "download", rundir.identity(cfg, rundir.fingerprint(inp, files)))
+    plan = load_plan(rd, cfg, files)
+    adopt.adopt_leftovers(rd, plan, bool(cfg.caption_col))
+    adopt.rebuild_missing_ledgers(rd, plan)
+    todo = adopt.pending(rd, plan)
+    if todo:
+        rd.unfinish()
+    failed = download_batch(rd, cfg, columns, plan, todo) if todo else []
+    if cfg.retry_failed and not failed:
+        new = plan_retries(rd, cfg, columns, plan)
+        if new:
+            rd.unfinish()
+        failed = download_batch(rd, cfg, columns, plan, new) if new else []
+    if failed:
+        raise DownloadIncomplete(incomplete_message(rd, failed))
+    return write_stats(rd, plan)
+
+
+def write_stats(rd: RunDir, plan: ShardPlan) -> dict[str, Any]:
+    originals = plan.originals()
+    return ledger.write_stats(
+        rd.path,
+        "download",
+        sum(e.rows for e in originals),
+        ledger.counts(rd.path),
+        shards=len(originals),
+        retry_shards=len(plan.shards) - len(originals),
+        failed_reasons=download_ledger.failed_reasons(rd.path),
+    )
+
+
+def incomplete_message(rd: RunDir, failed: list[ShardCheck]) -> str:
+    lines = [f"{len(failed)} shard(s) did not finish or failed verification; rerun the same command to redo them:"]
+    lines += [f"  {c.name}: {'; '.join(c.problems)}" for c in failed[:10]]
+    return "\n".join(lines) + f"\n(img2dataset logs: {rd.path / '_logs'})"
+
+
+STEP = Step("download", DownloadConfig, run)

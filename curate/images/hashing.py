@@ -1,0 +1,90 @@
+"""Near-dup pass 1, per shard: decode each image once and record what grouping needs.
+
+One HASH_SCHEMA row per sample of the shard (samples the tar lost, per its parquet, included
+with their reason): sha256, 64-bit pHash (imagehash), URL host, aesthetic and original size.
+An undecodable image gets a row with its `error` and no pHash.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+
+from core import atomic, laion
+from core.image import DecodeError, open_image
+from core.imageshard import ReadReport, iter_shard
+
+# One row per sample read (or listed as a success in the shard's parquet but missing from the tar).
+HASH_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),  # the tar's file name, e.g. "00012.tar"
+        ("row", pa.int64()),  # position in the shard (read order)
+        ("sha256", pa.string()),
+        ("phash", pa.uint64()),  # imagehash.phash, 8x8 bits row-major, first bit = most significant
+        ("host", pa.string()),  # URL host without "www.", for placeholder detection
+        ("aesthetic", pa.float64()),
+        ("width", pa.int64()),  # original_width from the sample json, else the decoded width
+        ("height", pa.int64()),
+        ("error", pa.string()),  # why the image could not be hashed; null when it was
+    ]
+)
+
+
+def phash64(image: Any) -> int:
+    """imagehash.phash of a PIL image as an unsigned 64-bit int (row-major bits, MSB first)."""
+    import imagehash
+
+    bits = imagehash.phash(image).hash.flatten()  # (64,) bool
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def url_host(url: Any) -> str | None:
+    """Lower-case host of a URL without a leading "www."; None when there is none."""
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host.removeprefix("www.") if host else None
+
+
+def hash_sample(sample: Any, shard: str, row: int, max_pixels: int, cache: dict[str, int]) -> dict[str, Any]:
+    """One HASH_SCHEMA row for a sample; `cache` maps sha256 -> pHash within the shard."""
+    meta = sample.meta or {}
+    data = sample.image or b""
+    sha = meta.get("sha256") or hashlib.sha256(data).hexdigest()
+    aesthetic = laion.score_value(meta, "aesthetic")
+    rec = {"key": sample.key, "shard": shard, "row": row, "sha256": sha, "host": url_host(meta.get("url")),
+           "aesthetic": aesthetic, "phash": None, "error": None,
+           "width": meta.get("original_width"), "height": meta.get("original_height")}
+    if sha in cache:
+        rec["phash"] = cache[sha]
+        return rec
+    try:
+        image = open_image(data, max_pixels)
+    except DecodeError as exc:
+        rec["error"] = str(exc)
+        return rec
+    rec["phash"] = cache[sha] = phash64(image)
+    rec["width"] = rec["width"] or image.width
+    rec["height"] = rec["height"] or image.height
+    return rec
+
+
+def hash_shard(shard: str | Path, part: str | Path, max_pixels: int) -> dict[str, Any]:
+    """Hash every sample of one shard into `part` (atomic); returns the shard's read report."""
+    shard, part = Path(shard), Path(part)
+    report = ReadReport(str(shard))
+    cache: dict[str, int] = {}
+    records = [hash_sample(s, shard.name, i, max_pixels, cache) for i, s in enumerate(iter_shard(shard, report))]
+    records += [{"key": k, "shard": shard.name, "row": len(records) + i, "error": report.lost_reason()}
+                for i, k in enumerate(report.lost)]
+    table = pa.Table.from_pylist(records, schema=HASH_SCHEMA)
+    atomic.write_parquet(part, table)
+    return {"rows": table.num_rows, "damaged": report.damaged, "refused": len(report.refused), "lost": len(report.lost)}

@@ -1,0 +1,95 @@
+"""`curate neardup`: drop exact and near-duplicate images from webdataset image shards.
+
+    1. hashing (`curate.images.hashing`), one unit per shard: sha256, 64-bit pHash, URL host,
+       aesthetic and original size of every sample -> OUT/_hashes/<shard>.parquet;
+    2. grouping (`curate.images.grouping`), once over all shards: placeholders, then exact
+       (sha256) and near (pHash within `distance`) duplicates; one image kept per group;
+    3. outputs (`curate.images.outputs`): keep.parquet (core.keeplist) for `curate score` and
+       `pretokenize --keep-list`, _groups.parquet, the ledger (one part per shard), _stats.json;
+       with `write_shards`, OUT/<shard>.tar holding only the kept samples (one unit per shard).
+A hashing unit records its shard's size and time in its marker: a shard redone upstream is
+hashed again, never reused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from core import atomic, keeplist, ledger, rundir
+from core.config import execution
+from core.image import DEFAULT_MAX_PIXELS
+from core.imageshard import list_shards
+from core.rundir import RunDir
+from core.units import Unit, run_units
+from curate.images import grouping, outputs
+from curate.images.hashing import HASH_SCHEMA, hash_shard
+from curate.steps import Step
+
+STEP_NAME = outputs.STEP_NAME
+HASH_DIR = "_hashes"
+
+
+@dataclass
+class NearDupConfig:
+    # Largest Hamming distance between two 64-bit pHashes that still makes them duplicates.
+    # 4 of 64 bits catches re-encodes, resizes and small crops; above ~10 unrelated images join.
+    distance: int = 4
+    # A pHash found under at least this many distinct URL hosts is a placeholder ("image not
+    # available", a blank tile): every copy is filtered with reason "placeholder". 0 disables.
+    placeholder_hosts: int = 20
+    # Images with more pixels than this (read from the header) fail instead of being decoded.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Also write OUT/<shard>.tar with only the kept samples (copies the images).
+    write_shards: bool = False
+    # Multi-index hashing band count (>= distance+1); null picks the fastest for the input size.
+    # Results do not depend on it.
+    bands: int | None = execution(None)
+    # Use an input folder whose step did not finish (no _stats.json): only what is there.
+    allow_incomplete: bool = execution(False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.distance <= 16:
+            raise ValueError(f"distance must be in 0..16 bits of 64, got {self.distance}")
+        if self.placeholder_hosts < 0:
+            raise ValueError(f"placeholder_hosts must be >= 0 (0 disables), got {self.placeholder_hosts}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.bands is not None and not self.distance + 1 <= self.bands <= 64:
+            raise ValueError(f"bands must be in distance+1..64 = {self.distance + 1}..64, got {self.bands}")
+
+
+def run(cfg: NearDupConfig, inp: str, out: str) -> dict[str, Any]:
+    """Hash every shard of `inp`, group, write OUT; returns the stats (see module doc)."""
+    rundir.check_finished(inp, cfg.allow_incomplete)
+    shards = list_shards(inp)
+    if not shards:
+        raise FileNotFoundError(f"{inp}: no .tar image shards found")
+    rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp)))
+    units = [Unit(f"hash.{s.stem}", (str(s), str(rd.path / HASH_DIR / f"{s.stem}.parquet"), cfg.max_pixels),
+                  input=rundir.file_identity(s)) for s in shards]
+    infos = run_units(rd, units, hash_shard, "neardup: hashing shards")
+    table = pa.concat_tables([pq.read_table(rd.path / HASH_DIR / f"{s.stem}.parquet", schema=HASH_SCHEMA) for s in shards])
+    Console(stderr=True).print(f"neardup: grouping {table.num_rows:,} images (distance <= {cfg.distance})")
+    dec = grouping.decide(table, cfg.distance, cfg.placeholder_hosts, cfg.bands)
+    rd.unfinish()
+    keeplist.write(rd.path / "keep.parquet", outputs.keep_table(table, dec))
+    groups = outputs.groups_table(table, dec)
+    atomic.write_parquet(rd.path / "_groups.parquet", groups)
+    outputs.write_ledger(rd.path, table, dec)
+    if cfg.write_shards:
+        units = [Unit(f"write.{s.stem}", (str(s), str(rd.path / "keep.parquet"), str(rd.path)),
+                      input=rundir.file_identity(rd.path / "keep.parquet")) for s in shards]
+        run_units(rd, units, outputs.write_kept_shard, "neardup: writing kept shards")
+    damaged = {s.name: i["damaged"] for s, i in zip(shards, infos) if i.get("damaged")}
+    return ledger.write_stats(rd.path, STEP_NAME, table.num_rows, ledger.counts(rd.path),
+                              groups=groups.num_rows, shards=len(shards), damaged_shards=damaged,
+                              refused_members=sum(int(i.get("refused", 0)) for i in infos),
+                              lost_samples=sum(int(i.get("lost", 0)) for i in infos))
+
+
+STEP = Step(STEP_NAME, NearDupConfig, run)
