@@ -1,19 +1,24 @@
-"""Crash-safe file writes: data goes to a temp name in the same folder, then `os.replace`.
+"""Crash-safe file writes: a reader sees the old file or the complete new one, never half.
 
-A reader (or a rerun after a kill) sees either the old file or the complete new one, never
-a half-written file; temp names start with `_tmp.` so folder readers skip them.
+Local disk: data goes to a temp name in the same folder, then `os.replace`; temp names start
+with `_tmp.` so folder readers skip them, and a killed run's leftovers are removed by
+`remove_temps`. Object store (core.storage.RemotePath): the file is written to a local temp
+file and uploaded in one go; the object appears only when the upload completes.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from core import storage
 
 
 def temp_name(path: Path) -> Path:
@@ -23,7 +28,12 @@ def temp_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path to write; on success rename it onto `path`, on error remove it."""
+    """Yield a local temp path to write; on success it becomes `path` (rename, or one upload
+    to an object store), on error it is removed."""
+    if storage.is_remote(path):
+        with _uploading(storage.path(path)) as tmp:
+            yield tmp
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
@@ -36,6 +46,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def _uploading(dest: "storage.RemotePath") -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="tessera-") as folder:
+        tmp = Path(folder) / dest.name
+        yield tmp
+        if tmp.exists():
+            storage.upload(tmp, dest)
 
 
 def _fsync(path: Path) -> None:
@@ -65,7 +84,10 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
 
 
 def remove_temps(folder: str | os.PathLike) -> int:
-    """Delete `_tmp.*` leftovers of a killed run in `folder` (recursively); returns how many."""
+    """Delete `_tmp.*` leftovers of a killed run in a local `folder` (recursively); returns how
+    many. (An object store never holds a temp object: uploads are all or nothing.)"""
+    if storage.is_remote(folder):
+        return 0
     n = 0
     for p in Path(folder).rglob("_tmp.*"):
         if p.is_file():

@@ -25,7 +25,8 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from core import atomic
+from core import atomic, storage
+from core.storage import AnyPath
 
 STATES = ("kept", "filtered", "duplicate", "failed")
 
@@ -78,24 +79,37 @@ def rows(step: str, source: str, records: list[Mapping[str, Any]]) -> pa.Table:
     return conform(pa.table(cols, schema=LEDGER_SCHEMA))
 
 
-def write(out: str | os.PathLike, task: str, table: pa.Table) -> Path:
+def write(out: str | os.PathLike, task: str, table: pa.Table) -> AnyPath:
     """Write one task's ledger part atomically to OUT/_ledger/<task>.parquet."""
-    path = Path(out) / LEDGER_DIR / f"{task}.parquet"
+    path = storage.path(out) / LEDGER_DIR / f"{task}.parquet"
     atomic.write_parquet(path, conform(table))
     return path
 
 
+def parts(out: str | os.PathLike) -> list[AnyPath]:
+    """The ledger parts of a step's output folder (every unit names its part after itself)."""
+    return sorted((p for p in (storage.path(out) / LEDGER_DIR).glob("*.parquet") if not p.name.startswith("_")),
+                  key=str)
+
+
 def counts(out: str | os.PathLike) -> dict[str, int]:
     """State counts over every ledger part of a step's output folder."""
-    folder = Path(out) / LEDGER_DIR
     result = {s: 0 for s in STATES}
-    if not any(folder.glob("*.parquet")):
+    files = parts(out)
+    if not files:
+        return result
+    if storage.is_remote(files[0]):
+        import pyarrow.dataset as ds
+
+        fs, _ = storage.arrow_fs(files[0])
+        states = ds.dataset([f.key for f in files], filesystem=fs, format="parquet").to_table(columns=["state"])
+        for row in states.column("state").value_counts().to_pylist():
+            result[row["values"]] = int(row["counts"])
         return result
     con = duckdb.connect()
     try:
-        for state, n in con.execute(
-            f"SELECT state, count(*) FROM read_parquet('{folder}/[!_]*.parquet') GROUP BY state"
-        ).fetchall():
+        listed = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+        for state, n in con.execute(f"SELECT state, count(*) FROM read_parquet({listed}) GROUP BY state").fetchall():
             result[state] = int(n)
     finally:
         con.close()
@@ -118,7 +132,7 @@ def write_stats(
     reconcile(n_in, state_counts, step)
     stats = {"step": step, "rows_in": n_in, **{s: int(state_counts.get(s, 0)) for s in STATES}}
     stats.update(extra)
-    atomic.write_json(Path(out) / "_stats.json", stats)
+    atomic.write_json(storage.path(out) / "_stats.json", stats)
     return stats
 
 

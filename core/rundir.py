@@ -31,9 +31,10 @@ from typing import IO, Any, Iterable, Mapping
 
 import yaml
 
-from core import atomic
+from core import atomic, storage
 from core.config import ConfigError, config_hash, settings, to_dict
 from core.errors import UserError
+from core.storage import AnyPath, RemotePath
 
 CONFIG, STATS, LOCK, DONE, FAILED = "_config.yaml", "_stats.json", "_lock", "_done", "_failed"
 
@@ -43,7 +44,7 @@ class ConfigMismatchError(ConfigError):
 
 
 class FolderBusyError(UserError):
-    """Another live run holds the output folder."""
+    """Another live run holds the output folder (see also core.lease.LeaseBusyError)."""
 
 
 _LOCKS: dict[str, IO[str]] = {}  # folder -> the open lock file this process holds
@@ -51,7 +52,7 @@ _LOCKS: dict[str, IO[str]] = {}  # folder -> the open lock file this process hol
 
 @dataclass(frozen=True)
 class RunDir:
-    path: Path
+    path: AnyPath  # an absolute local Path or a RemotePath (core.storage)
     step: str
     hash: str
 
@@ -61,7 +62,7 @@ class RunDir:
         `identity` is everything that determines the output (see `identity()`); a folder made
         with another identity is refused. Leftover temp files of a dead run are removed, only
         once the lock shows no other run is writing here."""
-        path = Path(path).absolute()
+        path = storage.path(path)
         path.mkdir(parents=True, exist_ok=True)
         hold_lock(path)
         resolved = to_dict(identity)
@@ -77,10 +78,10 @@ class RunDir:
         atomic.remove_temps(path)  # leftovers of a killed run are never valid data
         return cls(path, step, digest)
 
-    def marker(self, task: str) -> Path:
+    def marker(self, task: str) -> AnyPath:
         return self.path / DONE / f"{task}.json"
 
-    def failed_path(self, task: str) -> Path:
+    def failed_path(self, task: str) -> AnyPath:
         return self.path / FAILED / f"{task}.json"
 
     def is_done(self, task: str) -> bool:
@@ -94,8 +95,7 @@ class RunDir:
         return json.loads(self.marker(task).read_text())
 
     def done_tasks(self) -> list[str]:
-        folder = self.path / DONE
-        return sorted(p.stem for p in folder.glob("*.json")) if folder.exists() else []
+        return sorted(p.stem for p in (self.path / DONE).glob("*.json"))
 
     def unfinish(self) -> None:
         """Remove the completion record before changing any output: readers then see the
@@ -115,9 +115,9 @@ def identity(cfg: Any, input_fingerprint: Any, **extra: Any) -> dict[str, Any]:
 def step_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     """What a step's output folder says about itself: {"step", "hash", "input", "complete",
     "done", "failed"}; None when `folder` is not a step's output."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     cfg_file = folder / CONFIG
-    if not folder.is_dir() or not cfg_file.is_file():
+    if not cfg_file.is_file():
         return None
     written = yaml.safe_load(cfg_file.read_text()) or {}
     stats = folder / STATS
@@ -131,7 +131,7 @@ def step_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     }
 
 
-def _record_digest(stats: Path) -> str:
+def _record_digest(stats: AnyPath) -> str:
     """Digest of a completion record's counts (timings left out: a rerun that changes nothing
     keeps the digest, so the folders made from it stay valid)."""
     record = json.loads(stats.read_text())
@@ -159,36 +159,43 @@ def fingerprint(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -
     record = step_record(folder)
     if record is not None and record["complete"]:
         return {"step": record["step"], "hash": record["hash"], "record": record["record"],
-                "path": str(Path(folder).absolute())}
+                "path": str(storage.path(folder))}
     return files_fingerprint(files)
 
 
 def location(folder: str | os.PathLike) -> dict[str, str]:
     """The input of a step whose units each record their own input file (`file_identity`):
     where it is; what it holds is checked unit by unit."""
-    return {"path": str(Path(folder).absolute())}
+    return {"path": str(storage.path(folder))}
 
 
 def files_fingerprint(files: Iterable[str | os.PathLike]) -> dict[str, Any]:
     """Count and digest of (absolute path, size) of `files`."""
-    items = sorted((str(Path(f).absolute()), Path(f).stat().st_size) for f in files)
+    items = sorted((str(p), p.stat().st_size) for p in map(storage.path, files))
     digest = hashlib.sha256("\n".join(f"{p}\t{n}" for p, n in items).encode()).hexdigest()
     return {"files": len(items), "bytes": sum(n for _, n in items), "digest": digest[:16]}
 
 
 def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     """One input file's identity for a unit marker: name, size and modification time."""
-    st = Path(path).stat()
-    return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    p = storage.path(path)
+    st = p.stat()
+    return {"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # ---------------------------------------------------------------- one run at a time
 
 
-def hold_lock(folder: Path) -> int:
+def hold_lock(folder: AnyPath) -> int | None:
     """Take `folder`'s lock for the rest of this process (a second call is a no-op) and return
     its file descriptor (a child process given it holds the lock too). The OS releases an
-    flock when its last holder dies, so a crash never leaves a stale lock."""
+    flock when its last holder dies, so a crash never leaves a stale lock. An object-store
+    folder has no flock: it gets a lease (`core.lease`), renewed while this process lives."""
+    if isinstance(folder, RemotePath):
+        from core import lease
+
+        lease.hold(folder / LOCK)
+        return None
     key = str(folder)
     held = _LOCKS.get(key)
     if held is not None and _same_file(held, folder / LOCK):
@@ -220,14 +227,20 @@ def _same_file(f: IO[str], path: Path) -> bool:
 
 def release_lock(folder: str | os.PathLike) -> None:
     """Give a folder's lock back before this process ends (tests, long-lived drivers)."""
-    f = _LOCKS.pop(str(Path(folder).absolute()), None)
+    folder = storage.path(folder)
+    if isinstance(folder, RemotePath):
+        from core import lease
+
+        lease.release(folder / LOCK)
+        return
+    f = _LOCKS.pop(str(folder), None)
     if f is not None:
         with contextlib.suppress(OSError):
             fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
 
-def _mismatch_message(path: Path, step: str, old: dict, new: dict) -> str:
+def _mismatch_message(path: AnyPath, step: str, old: dict, new: dict) -> str:
     old_cfg = _flatten(old.get("config") or {})
     new_cfg = _flatten(new)
     diffs = [

@@ -1,0 +1,251 @@
+"""Storage: inputs and outputs as local paths or object-store URIs, one API for both.
+
+Every step's inputs and outputs may be a local path, `file://`, `s3://` or `gs://`. `path(x)`
+turns what the user gave into one of two types with the same small, pathlib-like surface:
+  * a local path -> an absolute `pathlib.Path` (made absolute on the driver, before any task
+    starts, so a task on another node never resolves it against its own working directory);
+  * `s3://bucket/key`, `gs://bucket/key` -> a `RemotePath` over pyarrow's built-in
+    filesystems (endpoint, credentials and region from the standard variables:
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; GCS's own).
+Both support `/`, `name`, `stem`, `suffix`, `parent`, `exists`, `is_file`, `is_dir`, `stat`,
+`read_bytes`, `read_text`, `iterdir`, `glob`, `unlink`, `mkdir`, and `str()` (the URI).
+
+Writing goes through `core.atomic` (`atomic_path`, `write_bytes`, ...), which commits a file
+whole or not at all: on a local disk through a temp name and a rename; on an object store by
+one upload (an object becomes visible only when its upload completes: a reader sees the old
+object or the whole new one). An object store has no rename, so an output of several files is
+committed by the completion record that names them (a unit's marker, a step's _stats.json, a
+code manifest): readers trust records and manifests, never listings.
+
+Libraries that need a local file (duckdb, tarfile, PIL) get one from `local_copy` (a no-op for
+a local path; a download to a temp file for a remote one).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Union
+
+import pyarrow.fs as pafs
+
+SCHEMES = ("s3", "gs", "gcs")
+
+
+def is_remote(p: object) -> bool:
+    return isinstance(p, RemotePath) or (isinstance(p, str) and p.split("://", 1)[0] in SCHEMES and "://" in p)
+
+
+def path(p: "str | os.PathLike | RemotePath") -> "AnyPath":
+    """A user's path or URI as an absolute local Path or a RemotePath."""
+    if isinstance(p, RemotePath):
+        return p
+    text = os.fspath(p)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):]).absolute()
+    if is_remote(text):
+        scheme, rest = text.split("://", 1)
+        return RemotePath("gs" if scheme == "gcs" else scheme, rest.strip("/"))
+    return Path(text).absolute()
+
+
+@dataclass(frozen=True)
+class _Stat:
+    st_size: int
+    st_mtime: float
+    st_mtime_ns: int
+
+
+@dataclass(frozen=True)
+class RemotePath:
+    """`scheme://bucket/key` on an object store, with the pathlib methods the steps use."""
+
+    scheme: str  # "s3" | "gs"
+    key: str  # "bucket/some/key" (no leading or trailing slash)
+
+    # -- naming
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.key}"
+
+    def __fspath__(self) -> str:  # os.fspath() gives the URI; only storage-aware code may use it
+        return str(self)
+
+    def __truediv__(self, part: str | os.PathLike) -> "RemotePath":
+        return RemotePath(self.scheme, f"{self.key}/{os.fspath(part).strip('/')}")
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.key).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.key).suffix
+
+    @property
+    def parent(self) -> "RemotePath":
+        return RemotePath(self.scheme, str(PurePosixPath(self.key).parent))
+
+    def with_suffix(self, suffix: str) -> "RemotePath":
+        return RemotePath(self.scheme, str(PurePosixPath(self.key).with_suffix(suffix)))
+
+    def with_name(self, name: str) -> "RemotePath":
+        return RemotePath(self.scheme, str(PurePosixPath(self.key).with_name(name)))
+
+    def relative_to(self, other: "RemotePath") -> PurePosixPath:
+        return PurePosixPath(self.key).relative_to(other.key)
+
+    def absolute(self) -> "RemotePath":
+        return self
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+    # -- reading
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return filesystem(self.scheme)
+
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.key)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def stat(self) -> _Stat:
+        info = self._info()
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(str(self))
+        mtime_ns = info.mtime_ns or 0
+        return _Stat(info.size or 0, mtime_ns / 1e9, mtime_ns)
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.key) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if not self.exists():
+                raise FileNotFoundError(str(self)) from exc
+            raise
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode: str = "rb"):  # noqa: ANN201 - a pyarrow NativeFile (seekable)
+        if mode != "rb":
+            raise ValueError("RemotePath.open reads only ('rb'); write through core.atomic")
+        return self.fs.open_input_file(self.key)
+
+    def iterdir(self) -> Iterator["RemotePath"]:
+        selector = pafs.FileSelector(self.key, allow_not_found=True, recursive=False)
+        for info in self.fs.get_file_info(selector):
+            yield RemotePath(self.scheme, info.path.strip("/"))
+
+    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+        """`*.parquet`, `_done/*.json` or `**/*.parquet` (fnmatch on the path below this one)."""
+        recursive = "**" in pattern or "/" in pattern
+        selector = pafs.FileSelector(self.key, allow_not_found=True, recursive=recursive)
+        for info in self.fs.get_file_info(selector):
+            rel = info.path.strip("/")[len(self.key) + 1:]
+            if fnmatch.fnmatchcase(rel, pattern) or (pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:])):
+                yield RemotePath(self.scheme, info.path.strip("/"))
+
+    def rglob(self, pattern: str) -> Iterator["RemotePath"]:
+        return self.glob(f"**/{pattern}")
+
+    # -- changing (whole objects; writes go through core.atomic)
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        pass  # an object store has no folders: a key's prefix exists once an object is under it
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.key)
+        except (FileNotFoundError, OSError):
+            if not missing_ok and not self.exists():
+                raise FileNotFoundError(str(self)) from None
+
+
+AnyPath = Union[Path, RemotePath]
+
+
+_FILESYSTEMS: dict[str, pafs.FileSystem] = {}
+
+
+def filesystem(scheme: str) -> pafs.FileSystem:
+    """The pyarrow filesystem of a scheme, made once per process from the environment."""
+    if scheme not in _FILESYSTEMS:
+        if scheme == "s3":
+            _FILESYSTEMS[scheme] = pafs.S3FileSystem(**s3_options(os.environ))
+        elif scheme == "gs":
+            _FILESYSTEMS[scheme] = pafs.GcsFileSystem()
+        else:
+            raise ValueError(f"unsupported storage scheme {scheme!r} (use a local path, file://, s3:// or gs://)")
+    return _FILESYSTEMS[scheme]
+
+
+def s3_options(env: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
+    """S3FileSystem arguments from the standard variables: AWS_ENDPOINT_URL (an S3 API other
+    than AWS's: MinIO, Ceph, moto), AWS_REGION / AWS_DEFAULT_REGION. Credentials are found by
+    the AWS SDK itself (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles)."""
+    out: dict[str, str] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        out.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        out["region"] = region
+    return out
+
+
+def arrow_fs(p: AnyPath) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path in it) of a path: for pyarrow.parquet / pyarrow.dataset."""
+    if isinstance(p, RemotePath):
+        return p.fs, p.key
+    return pafs.LocalFileSystem(), str(p)
+
+
+def rmtree(p: AnyPath) -> None:
+    """Remove a folder (a key prefix) and everything under it; nothing if it is absent."""
+    if isinstance(p, RemotePath):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            p.fs.delete_dir(p.key)
+        return
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def upload(local: Path, dest: AnyPath) -> None:
+    """Copy a local file to `dest` (an object appears whole when the upload completes)."""
+    if isinstance(dest, RemotePath):
+        pafs.copy_files(str(local), dest.key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, dest)
+
+
+@contextlib.contextmanager
+def local_copy(p: AnyPath) -> Iterator[Path]:
+    """A local file with `p`'s content, for libraries that read local files only (tarfile, duckdb);
+    a local path is yielded as it is, a remote one is downloaded to a temp file removed after."""
+    if not isinstance(p, RemotePath):
+        yield Path(p)
+        return
+    with tempfile.TemporaryDirectory(prefix="tessera-") as tmp:
+        target = Path(tmp) / p.name
+        pafs.copy_files(p.key, str(target), source_filesystem=p.fs, destination_filesystem=pafs.LocalFileSystem())
+        yield target
