@@ -124,6 +124,7 @@ def step_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     return {
         "step": written.get("step"), "hash": written.get("hash"),
         "input": (written.get("config") or {}).get("input"),
+        "settings": (written.get("config") or {}).get("settings") or {},
         "complete": stats.is_file(),
         "record": _record_digest(stats) if stats.is_file() else None,
         "done": len(list((folder / DONE).glob("*.json"))),

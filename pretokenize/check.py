@@ -82,11 +82,13 @@ def source_folder(codes: Path) -> Path | None:
     return Path(source) if source else None
 
 
-def find_originals(source: Path | None, wanted: dict[str, list[tuple[str, int, int]]], res: int) -> dict[str, np.ndarray]:
+def find_originals(source: Path | None, wanted: dict[str, list[tuple[str, int, int]]], res: int,
+                   resize: str = "auto") -> dict[str, np.ndarray]:
     """{key: (res, res, 3) uint8} re-made from the source shards with the recorded crop.
-    `wanted` maps shard stem -> [(key, crop_top, crop_left)]; missing shards/keys are skipped."""
-    from core.image import decode_rgb
-    from pretokenize.preprocess import resize_and_crop
+    `wanted` maps shard stem -> [(key, crop_top, crop_left)]; missing shards/keys are skipped.
+    `resize` is how the download resized the originals (as recorded in the manifest)."""
+    from pretokenize.encode import original_size
+    from pretokenize.preprocess import reproduce
 
     found: dict[str, np.ndarray] = {}
     for stem, items in wanted.items():
@@ -97,7 +99,7 @@ def find_originals(source: Path | None, wanted: dict[str, list[tuple[str, int, i
         for sample in iter_shard(tar):
             if sample.key in crops and sample.image is not None:
                 top, left = crops[sample.key]
-                found[sample.key] = resize_and_crop(decode_rgb(sample.image), res, top, left).pixels
+                found[sample.key] = reproduce(sample.image, res, original_size(sample.meta or {}), resize, top, left)
     return found
 
 
@@ -138,7 +140,7 @@ def run_check(cfg: CheckConfig, input: str | os.PathLike, output: str | os.PathL
     for r in rows:
         wanted[r["stem"]].append((r["key"], r["crop_top"], r["crop_left"]))
     source = source_folder(folder)
-    originals = find_originals(source, wanted, ds.manifest.resolution)
+    originals = find_originals(source, wanted, ds.manifest.resolution, ds.manifest.extra.get("source_resize", "auto"))
     codes = torch.from_numpy(np.stack([r["codes"] for r in rows]).astype(np.int64)).reshape(-1, h, w)
     recon = np.concatenate([
         (decode_codes(vq, codes[i: i + cfg.batch_size]) * 255).round().byte().permute(0, 2, 3, 1).numpy()

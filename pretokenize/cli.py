@@ -48,6 +48,7 @@ def main(
     num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Actors to start (default: one per GPU, else CPUs / cpus-per-actor)."),
     cpus_per_actor: Optional[int] = typer.Option(None, "--cpus-per-actor", help="CPUs per actor (default auto)."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Decode/resize threads per actor (default: the actor's CPUs)."),
+    allow_upscale: Optional[bool] = typer.Option(None, "--allow-upscale", help="Encode images with fewer pixels than --res by upscaling them (default: filtered as too_small)."),
     allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Encode the shards of an unfinished download folder (no _stats.json) as they are."),
     address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read (default ./pipelines.yaml, else the repo's)."),
@@ -63,7 +64,7 @@ def main(
 
     flags = dict(res=res, vq=vq, batch_size=batch_size, crop=crop, seed=seed, keep_list=keep_list, dtype=dtype,
                  executor=executor, num_actors=num_actors, cpus_per_actor=cpus_per_actor, decode_threads=decode_threads,
-                 allow_incomplete=allow_incomplete)
+                 allow_upscale=allow_upscale, allow_incomplete=allow_incomplete)
     with user_errors():
         cfg = C.merge(PretokenizeConfig, yaml_section(config), flags, where="pretokenize")
         stats = run(cfg, input, output, ray_address(address, C.load_yaml(config)))

@@ -23,6 +23,7 @@ import numpy as np
 from core import codeshard, keeplist, laion, ledger
 from core.imageshard import ReadReport, Sample, iter_shard
 from pretokenize import preprocess
+from pretokenize.geometry import TooSmall
 
 STEP = "pretokenize"
 SCORES = ("aesthetic", "pwatermark", "punsafe")  # the score columns a code shard carries
@@ -38,16 +39,16 @@ class EncodeSettings:
     batch_size: int  # images per encoder call
     decode_threads: int  # threads decoding/resizing images
     prefetch_batches: int  # batches decoded ahead of the encoder
+    source: str = "auto"  # how the download resized the originals (pretokenize.geometry.SOURCES)
+    allow_upscale: bool = False  # crop images with fewer pixels than res (else filtered too_small)
 
 
-def original_size(meta: dict[str, Any], w: int, h: int) -> tuple[int, int]:
-    """Size before img2dataset resized the image (its original_width/height) when the aspect
-    ratio agrees with the stored image (a pure rescale), else the stored image's own size."""
+def original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """The original image's size from img2dataset's .json (original_width/height), if valid."""
     ow, oh = meta.get("original_width"), meta.get("original_height")
-    if isinstance(ow, int) and isinstance(oh, int) and ow > 0 and oh > 0:
-        if abs(ow / oh - w / h) <= 0.01 * (w / h) + 1.0 / min(w, h):
-            return ow, oh
-    return w, h
+    if isinstance(ow, int) and isinstance(oh, int) and not isinstance(ow, bool) and ow > 0 and oh > 0:
+        return ow, oh
+    return None
 
 
 class ShardWriter:
@@ -62,12 +63,11 @@ class ShardWriter:
 
     def keep(self, row: int, sample: Sample, prep: preprocess.Prepared) -> None:
         meta = sample.meta or {}
-        ow, oh = original_size(meta, prep.orig_w, prep.orig_h)
         long_caption = meta.get("long_caption")
         values = {
             "key": sample.key, "caption": sample.caption or "",
             "long_caption": long_caption if isinstance(long_caption, str) else None,
-            "orig_w": ow, "orig_h": oh, "crop_top": prep.crop_top, "crop_left": prep.crop_left,
+            "orig_w": prep.orig_w, "orig_h": prep.orig_h, "crop_top": prep.crop_top, "crop_left": prep.crop_left,
             **{name: laion.score_value(meta, name) for name in SCORES},
         }
         for name, value in values.items():
@@ -80,7 +80,8 @@ class ShardWriter:
 
 def _prepare(sample: Sample, shard: str, s: EncodeSettings) -> preprocess.Prepared:
     seed = preprocess.crop_seed(s.seed, shard, sample.key) if s.crop == "random" else 0
-    return preprocess.prepare(sample.image, s.res, s.crop, seed)  # type: ignore[arg-type]
+    return preprocess.prepare(sample.image, s.res, s.crop, seed, orig=original_size(sample.meta or {}),  # type: ignore[arg-type]
+                              source=s.source, allow_upscale=s.allow_upscale)
 
 
 def prefetched(
@@ -150,6 +151,9 @@ def encode_shard(
         for row, sample, fut in prefetched(iter_shard(tar, report), report, pool, window, stem, s, keep, writer):
             try:
                 prep = fut.result()
+            except TooSmall as exc:  # fewer pixels than the crop needs: not upscaled by default
+                writer.drop(row, sample.key, "filtered", "too_small", str(exc))
+                continue
             except Exception as exc:  # undecodable / truncated / bomb-sized image
                 writer.drop(row, sample.key, "failed", "undecodable_image", f"{type(exc).__name__}: {exc}")
                 continue

@@ -27,7 +27,8 @@ from core.imageshard import iter_shard, list_shards
 from core.progress import make_progress
 from core.vq import build_vq, save_vq, tiny_vq_config
 from core.image import decode_rgb
-from pretokenize.preprocess import resized_size, to_unit_tensor
+from pretokenize.geometry import resized_size
+from pretokenize.preprocess import to_unit_tensor
 
 
 @dataclass

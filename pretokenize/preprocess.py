@@ -1,15 +1,19 @@
 """Image preprocessing exactly as Meissonic's / aMUSEd's trainers do it, as small pure functions.
 
     decode (core.image.decode_rgb: pixel cap, EXIF transpose, RGB, alpha composited on white)
-    -> resize the shorter side to `res` (bilinear, antialiased: torchvision `Resize(res)` on a
-       PIL image, which is PIL's bilinear filter with its support widened when downscaling)
+    -> resize to the frame the ORIGINAL image has at shorter side = `res` (bilinear,
+       antialiased: torchvision `Resize(res)` on a PIL image, which is PIL's bilinear filter
+       with its support widened when downscaling); the download's own resize is undone by
+       `pretokenize.geometry` (a center-cropped or padded download is handled there)
     -> square `res` x `res` crop (center: torchvision `CenterCrop`; random: a seeded
        `RandomCrop.get_params`) -> uint8 (res, res, 3); the encoder takes /255 floats in [0, 1].
 
 Micro-conditioning recorded per sample, following aMUSEd's `train_amused.py` (which Meissonic's
-trainer copies) and the SDXL trainers: `orig_w, orig_h` = the image's size before any resize,
-`crop_top, crop_left` = the crop's offset **in the resized image** (shorter side = res), which is
-what those models were trained to read. See docs/pretokenize.md.
+trainer copies) and the SDXL trainers: `orig_w, orig_h` = the ORIGINAL image's size (before the
+download resized it: img2dataset's original_width/height), `crop_top, crop_left` = the crop's
+offset **in the original resized to shorter side = res**, which is what those models were
+trained to read. An image with fewer pixels than the crop needs is `TooSmall` (no upscaling
+unless allowed). See docs/pretokenize.md.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from core.image import DEFAULT_MAX_PIXELS, decode_rgb
+from pretokenize import geometry
 
 CROPS = ("center", "random")
 
@@ -27,22 +32,10 @@ CROPS = ("center", "random")
 @dataclass(frozen=True)
 class Prepared:
     pixels: np.ndarray  # (res, res, 3) uint8
-    orig_w: int  # width of the decoded (EXIF-transposed) image before resizing
+    orig_w: int  # the original image's width (before the download resized it)
     orig_h: int
-    crop_top: int  # crop offset in the resized image (shorter side = res)
+    crop_top: int  # crop offset in the original resized to shorter side = res
     crop_left: int
-
-
-def resized_size(w: int, h: int, res: int) -> tuple[int, int]:
-    """(new_w, new_h) with the shorter side = res; the longer side truncated as torchvision does."""
-    if w <= h:
-        return res, int(res * h / w)
-    return int(res * w / h), res
-
-
-def center_offset(size: int, crop: int) -> int:
-    """torchvision CenterCrop: round((size - crop) / 2)."""
-    return int(round((size - crop) / 2.0))
 
 
 def crop_seed(base_seed: int, shard: str, key: str) -> int:
@@ -52,36 +45,37 @@ def crop_seed(base_seed: int, shard: str, key: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def crop_offsets(new_w: int, new_h: int, res: int, mode: str, seed: int = 0) -> tuple[int, int]:
-    """(top, left) of the res x res crop in a new_w x new_h image."""
-    if mode == "center":
-        return center_offset(new_h, res), center_offset(new_w, res)
-    if mode == "random":
-        rng = np.random.default_rng(seed)
-        top = int(rng.integers(0, new_h - res + 1))
-        left = int(rng.integers(0, new_w - res + 1))
-        return top, left
-    raise ValueError(f"crop must be one of {CROPS}, got {mode!r}")
+def cut(img: Image.Image, plan: geometry.Plan, res: int) -> Prepared:
+    """The pixels of a crop plan: the content region, resized to the frame, cropped res x res."""
+    left, top, w, h = plan.content
+    if (left, top, w, h) != (0, 0, *img.size):
+        img = img.crop((left, top, left + w, top + h))
+    if img.size != plan.frame:
+        img = img.resize(plan.frame, Image.BILINEAR)
+    t, lft = plan.crop
+    pixels = np.asarray(img.crop((lft, t, lft + res, t + res)), dtype=np.uint8)
+    return Prepared(pixels, *plan.orig, *plan.micro_crop)
 
 
-def resize_and_crop(img: Image.Image, res: int, top: int | None, left: int | None,
-                    mode: str = "center", seed: int = 0) -> Prepared:
-    """Resize the shorter side to res and crop; `top/left` given = reuse a recorded crop."""
-    w, h = img.size
-    new_w, new_h = resized_size(w, h, res)
-    resized = img.resize((new_w, new_h), Image.BILINEAR) if (new_w, new_h) != (w, h) else img
-    if top is None or left is None:
-        top, left = crop_offsets(new_w, new_h, res, mode, seed)
-    pixels = np.asarray(resized.crop((left, top, left + res, top + res)), dtype=np.uint8)
-    return Prepared(pixels, w, h, top, left)
+def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+            orig: tuple[int, int] | None = None, source: str = "auto", allow_upscale: bool = False) -> Prepared:
+    """Encoded image bytes -> the res x res uint8 crop and its micro-conditions. `orig` is the
+    original size (img2dataset's original_width/height), `source` how the download resized it
+    (geometry.SOURCES). Decoded by the one safe decoder (core.image: pixel cap read from the
+    header before decoding, EXIF orientation, 16-bit scaled, transparency over white).
+    Raises geometry.TooSmall when the crop would need upscaling and it is not allowed."""
+    img = decode_rgb(data, max_pixels)
+    return cut(img, geometry.plan(img.size, orig, res, source, mode, seed, allow_upscale), res)
 
 
-def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
-    """Encoded image bytes -> the res x res uint8 crop and its micro-conditions. Decoded by the
-    one safe decoder (core.image: pixel cap read from the header before decoding, EXIF
-    orientation, 16-bit scaled, transparency over white)."""
-    return resize_and_crop(decode_rgb(data, max_pixels), res, None, None, mode, seed)
+def reproduce(data: bytes, res: int, orig: tuple[int, int] | None, source: str, top: int, left: int) -> np.ndarray:
+    """The pixels of a recorded crop (for `pretokenize check`): recorded offsets are in the
+    original's res frame, where a rescaled download is cropped too."""
+    img = decode_rgb(data)
+    plan = geometry.plan(img.size, orig, res, source, allow_upscale=True)
+    if plan.crop != (0, 0) or plan.frame != (res, res):  # not a center-cropped download: reuse the offsets
+        plan = geometry.Plan(plan.content, plan.frame, (top, left), plan.orig, (top, left))
+    return cut(img, plan, res).pixels
 
 
 def to_unit_tensor(batch: np.ndarray, device=None):

@@ -23,6 +23,7 @@ from core.rundir import RunDir
 from core.units import EXECUTORS, Resources, Unit, run_units
 from core.vq import grid_shape, vq_info
 from pretokenize.encode import STEP, EncodeSettings, encode_unit
+from pretokenize.geometry import DOWNLOAD_MODES, SOURCES
 from pretokenize.preprocess import CROPS
 
 DTYPES = ("fp32",)  # encoder precisions offered (bf16 changed >0.1% of codes: docs/pretokenize.md)
@@ -36,6 +37,10 @@ class PretokenizeConfig:
     crop: str = "center"  # square crop after the resize: "center" or "random" (seeded per sample)
     seed: int = 0  # base seed of random crops; per-sample seed = hash(seed, shard, key)
     keep_list: str | None = None  # parquet with `key`, `shard` columns; only those samples are encoded
+    allow_upscale: bool = False  # encode images with fewer pixels than res (upscaled); else filtered too_small
+    # How the download resized the originals (pretokenize.geometry): auto = the download folder's
+    # resize_mode, else inferred per image; rescale | center_crop | border to say it.
+    source_resize: str = "auto"
     dtype: str = "fp32"  # encoder precision; only fp32 is offered (bf16 changed >0.1% of codes)
     executor: str = execution("ray")  # "ray" (actors, local or cluster) or "local" (in-process, one worker)
     num_actors: int = execution(0)  # 0 = auto: one per GPU, else cluster CPUs // cpus_per_actor
@@ -49,6 +54,8 @@ class PretokenizeConfig:
             raise ValueError(f"res must be positive, got {self.res}")
         if self.batch_size <= 0 or self.prefetch_batches <= 0:
             raise ValueError("batch_size and prefetch_batches must be positive")
+        if self.source_resize not in SOURCES:
+            raise ValueError(f"source_resize must be one of {', '.join(SOURCES)}, got {self.source_resize!r}")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         if self.dtype not in DTYPES:
@@ -58,8 +65,20 @@ class PretokenizeConfig:
         if min(self.num_actors, self.cpus_per_actor, self.decode_threads) < 0:
             raise ValueError("num_actors, cpus_per_actor and decode_threads must be >= 0 (0 = auto)")
 
-    def settings(self, decode_threads: int) -> EncodeSettings:
-        return EncodeSettings(self.res, self.crop, self.seed, self.batch_size, decode_threads, self.prefetch_batches)
+    def settings(self, decode_threads: int, source: str = "auto") -> EncodeSettings:
+        return EncodeSettings(self.res, self.crop, self.seed, self.batch_size, decode_threads, self.prefetch_batches,
+                              source, self.allow_upscale)
+
+
+def declared_source(cfg: PretokenizeConfig, input: Path) -> str:
+    """How the download resized the originals: as configured, else the download folder's own
+    resize_mode (its run record), else `auto` (inferred per image)."""
+    if cfg.source_resize != "auto":
+        return cfg.source_resize
+    record = rundir.step_record(input)
+    if record is None or record["step"] != "download":
+        return "auto"
+    return DOWNLOAD_MODES.get(record["settings"].get("resize_mode"), "auto")
 
 
 @dataclass(frozen=True)
@@ -132,15 +151,16 @@ def run(cfg: PretokenizeConfig, input: str | os.PathLike, output: str | os.PathL
     keep_list = keeplist.canonical(cfg.keep_list, rd.path) if cfg.keep_list else None
     units = [Unit(keeplist.shard_id(t.name), (str(t), str(rd.path), keep_list),
                   input={"shard": rundir.file_identity(t), "keep_list": keep_id}) for t in tars]
+    source = declared_source(cfg, input)
     try:
-        _execute(cfg, rd, units, ray_address)
+        _execute(cfg, rd, units, ray_address, source)
     except StepIncomplete:
         write_manifest(cfg, rd, tars, tok, grid)  # the shards that are done stay usable
         raise
     return finish(cfg, rd, tars, tok, grid)
 
 
-def _execute(cfg: PretokenizeConfig, rd: RunDir, units: list[Unit], ray_address: str | None) -> None:
+def _execute(cfg: PretokenizeConfig, rd: RunDir, units: list[Unit], ray_address: str | None, source: str) -> None:
     """Run the encoding units on the configured executor (one tokenizer per worker)."""
     if cfg.executor == "local":
         threads = cfg.cpus_per_actor or (os.cpu_count() or 1)
@@ -150,7 +170,7 @@ def _execute(cfg: PretokenizeConfig, rd: RunDir, units: list[Unit], ray_address:
 
         init_ray(ray_address)
         plan = plan_actors(cfg, cluster_cpus(), cluster_gpus(), len(units))
-    settings_ = cfg.settings(plan.decode_threads)
+    settings_ = cfg.settings(plan.decode_threads, source)
     run_units(rd, units, encode_unit, "pretokenize shards", Resources(plan.num_cpus, plan.num_gpus),
               setup=ShardEncoder, setup_args=(cfg.vq, settings_, plan.num_cpus), actors=plan.count,
               executor=cfg.executor)
@@ -165,6 +185,7 @@ def write_manifest(cfg: PretokenizeConfig, rd: RunDir, tars: list[Path], tok: co
         resolution=cfg.res, grid=grid, tokenizer=tok,
         shards=[codeshard.ShardInfo(**i["shard"]) for i in infos.values() if i.get("shard")],
         extra={"crop": cfg.crop, "seed": cfg.seed, "dtype": cfg.dtype, "source": str(Path(tars[0]).parent.resolve()),
+               "source_resize": declared_source(cfg, Path(tars[0]).parent), "allow_upscale": cfg.allow_upscale,
                "config_hash": rd.hash},
     )
     codeshard.write_manifest(rd.path, manifest)

@@ -54,9 +54,15 @@ class DownloadIncomplete(StepIncomplete):
 class DownloadConfig:
     """Settings of `curate download` (section `curate.download` of pipelines.yaml)."""
 
-    image_size: int = 512  # output side in pixels (img2dataset image_size)
-    resize_mode: str = "center_crop"  # one of RESIZE_MODES (img2dataset resize_mode)
-    resize_only_if_bigger: bool = False  # never upscale small images
+    # Stored size: with keep_ratio, the SHORTER side in pixels (img2dataset image_size). Download
+    # at the largest resolution you will train at: pretokenize crops res x res from it and never
+    # upscales (stage 1: 256, stage 2: 512, stage 3: 1024; a 1024 download serves all three).
+    image_size: int = 512
+    # keep_ratio keeps the whole picture and its aspect ratio, so pretokenize can derive the
+    # micro-conditions (original size, crop offsets) from the original; center_crop | border |
+    # keep_ratio_largest | no are img2dataset's other modes (RESIZE_MODES).
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = True  # never upscale: a small image is stored at its own size
     encode_format: str = "jpg"  # image format stored in the tars: jpg | png | webp
     encode_quality: int = 95  # jpg/webp quality 0-100, png compression 0-9
     url_col: str = "URL"  # input column holding the image URL

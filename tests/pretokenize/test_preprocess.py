@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from torchvision import transforms
 
+from pretokenize import geometry as G
 from pretokenize import preprocess as P
 
 
@@ -18,34 +19,46 @@ def jpeg(arr: np.ndarray, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("w,h,res", [(300, 200, 64), (77, 130, 64), (50, 40, 64), (64, 64, 64), (513, 1000, 256)])
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,res", [(300, 200, 64), (77, 130, 64), (64, 64, 64), (513, 1000, 256)])
 def test_matches_torchvision_resize_center_crop(w, h, res):
     rng = np.random.default_rng(w * h)
     img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
     expect = np.asarray(transforms.Compose([
         transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(res)
     ])(img))
-    got = P.resize_and_crop(img, res, None, None, "center")
+    got = P.prepare(png(img), res)
     assert np.array_equal(got.pixels, expect)
     assert (got.orig_w, got.orig_h) == (w, h)
-    assert P.resized_size(w, h, res) == tuple(reversed(transforms.Resize(res)(img).size[::-1]))
+    assert G.resized_size(w, h, res) == tuple(reversed(transforms.Resize(res)(img).size[::-1]))
 
 
 def test_crop_offsets_are_in_resized_coordinates():
-    img = Image.new("RGB", (400, 200))
-    p = P.resize_and_crop(img, 100, None, None, "center")
-    assert P.resized_size(400, 200, 100) == (200, 100)
+    p = P.prepare(png(Image.new("RGB", (400, 200))), 100)
+    assert G.resized_size(400, 200, 100) == (200, 100)
     assert (p.crop_top, p.crop_left) == (0, 50)
 
 
+def test_no_upscaling_unless_allowed():
+    small = png(Image.new("RGB", (50, 40)))
+    with pytest.raises(G.TooSmall, match="shorter side 40 < 64"):
+        P.prepare(small, 64)
+    assert P.prepare(small, 64, allow_upscale=True).pixels.shape == (64, 64, 3)
+
+
 def test_random_crop_seeded_and_in_bounds():
-    a = {P.crop_offsets(300, 100, 100, "random", P.crop_seed(0, "00000", f"k{i}")) for i in range(50)}
+    a = {G.crop_offsets(300, 100, 100, "random", P.crop_seed(0, "00000", f"k{i}")) for i in range(50)}
     assert all(t == 0 and 0 <= l <= 200 for t, l in a) and len(a) > 10
     s = P.crop_seed(3, "00001", "000010007")
-    assert P.crop_offsets(300, 100, 100, "random", s) == P.crop_offsets(300, 100, 100, "random", s)
+    assert G.crop_offsets(300, 100, 100, "random", s) == G.crop_offsets(300, 100, 100, "random", s)
     assert P.crop_seed(3, "00001", "a") != P.crop_seed(3, "00001", "b") != P.crop_seed(4, "00001", "b")
-    with pytest.raises(ValueError, match="crop must be one of"):
-        P.crop_offsets(10, 10, 10, "diag")
+    with pytest.raises(ValueError, match="crop must be"):
+        G.crop_offsets(10, 10, 10, "diag")
 
 
 def test_prepare_decodes_with_the_one_safe_decoder():

@@ -174,14 +174,15 @@ def test_plan_actors():
 
 
 def test_config_validation():
-    for bad in (dict(crop="diagonal"), dict(dtype="fp8"), dict(batch_size=0), dict(executor="dask")):
+    for bad in (dict(crop="diagonal"), dict(dtype="fp8"), dict(batch_size=0), dict(executor="dask"),
+                dict(source_resize="stretch")):
         with pytest.raises(ValueError):
             PretokenizeConfig(**bad)
 
 
 def test_small_helpers():
     assert shard_id("/a/b/00012.tar") == "00012" == shard_id("00012")
-    assert original_size({"original_width": 400, "original_height": 300}, 40, 30) == (400, 300)
-    # a crop by img2dataset changes the aspect ratio: the stored image's own size is used
-    assert original_size({"original_width": 400, "original_height": 300}, 30, 30) == (30, 30)
-    assert original_size({}, 50, 60) == (50, 60)
+    assert original_size({"original_width": 400, "original_height": 300}) == (400, 300)
+    for bad in ({}, {"original_width": 0, "original_height": 3}, {"original_width": "400", "original_height": 300},
+                {"original_width": True, "original_height": 1}):
+        assert original_size(bad) is None  # the stored image's own size is used then

@@ -119,7 +119,9 @@ def test_bad_input(hostile, case):
         s = samples[row["key"]]
         im = Image.open(io.BytesIO(s.image))
         im.load()
-        assert im.size == (64, 64) and s.caption == case
+        # aspect kept, shorter side 64 (or the image's own size: never upscaled)
+        ow, oh = s.meta["original_width"], s.meta["original_height"]
+        assert min(im.size) == min(64, ow, oh) and abs(im.size[0] / im.size[1] - ow / oh) < 0.05 and s.caption == case
         assert s.meta["status"] == "success" and s.meta["aesthetic"] == 5.5 and s.meta["pwatermark"] == 0.1
         assert s.meta["hash"] == mmh3.hash64((s.meta["url"] + case).encode())[0]  # computed: input had none
     else:
