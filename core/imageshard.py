@@ -11,7 +11,10 @@ Reading is defensive because shards come from the web and from killed jobs:
   * a tar that ends mid-member yields every complete sample before the damage and
     records the shard as damaged, instead of raising halfway through a job;
   * samples the shard's parquet lists as downloaded (`status == "success"`) but the tar does
-    not hold are listed in the report as `lost`, so every reader accounts for them the same way.
+    not hold are listed in the report as `lost`, so every reader accounts for them the same way;
+  * a member larger than `max_member_bytes` is refused without being read into memory, a
+    compressed tar (gzip, bzip2, xz: a few KB can inflate to terabytes) is refused whole, and
+    a key met again later in the tar is listed in `duplicates` (only its first sample is read).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # no web image or caption is this large; a bigger member is refused
 
 
 @dataclass
@@ -45,10 +49,20 @@ class ReadReport:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (member name, reason)
     bad_members: list[tuple[str, str]] = field(default_factory=list)  # unparsable .json etc.
     lost: list[str] = field(default_factory=list)  # keys the shard's parquet lists as successes, not in the tar
+    duplicates: list[str] = field(default_factory=list)  # keys met again after their sample (later copies skipped)
 
     def lost_reason(self) -> str:
         """The ledger reason of a lost sample."""
         return f"missing from {Path(self.path).name}: {self.damaged or 'not in the tar'}"
+
+    def unread(self) -> list[tuple[str, str, str]]:
+        """(key, reason, detail) of everything the shard named but no sample was read for, in
+        order: refused members (`refused_member`), later copies of a key (`duplicate_key`),
+        samples its parquet lists but the tar lost (`lost_from_tar`). Readers add one `failed`
+        ledger row for each, so nothing is dropped silently."""
+        return ([(name, "refused_member", why) for name, why in self.refused]
+                + [(key, "duplicate_key", "a later copy of a key already read") for key in self.duplicates]
+                + [(key, "lost_from_tar", self.lost_reason()) for key in self.lost])
 
 
 def list_shards(folder: str | os.PathLike) -> list[Path]:
@@ -59,6 +73,9 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such shard folder or file")
     return sorted(x for x in p.glob("*.tar") if not x.name.startswith(("_", ".")))
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
 def _refusal(member: tarfile.TarInfo) -> str | None:
@@ -80,12 +97,16 @@ def _split(name: str) -> tuple[str, str]:
     return key, ext.lower()
 
 
-def iter_shard(path: str | os.PathLike, report: ReadReport | None = None) -> Iterator[Sample]:
-    """Yield the samples of one tar in order; damage, refusals and lost samples go to `report`
-    (`lost` is filled once the last sample has been yielded)."""
+def iter_shard(path: str | os.PathLike, report: ReadReport | None = None,
+               max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Sample]:
+    """Yield the samples of one tar in order, each key once; damage, refusals, duplicates and
+    lost samples go to `report` (`lost` is filled once the last sample has been yielded)."""
     report = report if report is not None else ReadReport(str(path))
     seen: set[str] = set()
-    for sample in _read_tar(path, report):
+    for sample in _read_tar(path, report, max_member_bytes):
+        if sample.key in seen:
+            report.duplicates.append(sample.key)
+            continue
         seen.add(sample.key)
         yield sample
     report.lost = lost_keys(path, seen)
@@ -106,12 +127,26 @@ def lost_keys(path: str | os.PathLike, seen: set[str]) -> list[str]:
     return [str(k) for k, s in pairs if s == "success" and str(k) not in seen]
 
 
-def _read_tar(path: str | os.PathLike, report: ReadReport) -> Iterator[Sample]:
+def compression(path: str | os.PathLike) -> str | None:
+    """"gzip", "bzip2" or "xz" when the file is a compressed stream, else None."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, name in zip(_COMPRESSED_MAGIC, ("gzip", "bzip2", "xz")):
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def _read_tar(path: str | os.PathLike, report: ReadReport, max_member_bytes: int) -> Iterator[Sample]:
     current: Sample | None = None
+    packed = compression(path)
+    if packed:
+        report.damaged = f"a {packed}-compressed tar is not accepted (webdataset shards are plain tars)"
+        return
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with tarfile.open(path, mode="r|") as tar:
             for member in tar:
-                reason = _refusal(member)
+                reason = _refusal(member) or _too_big(member, max_member_bytes)
                 if reason:
                     report.refused.append((member.name, reason))
                     continue
@@ -134,15 +169,14 @@ def _read_tar(path: str | os.PathLike, report: ReadReport) -> Iterator[Sample]:
         yield current
 
 
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+def _too_big(member: tarfile.TarInfo, limit: int) -> str | None:
+    return f"{member.size} bytes, over the {limit}-byte cap" if member.size > limit else None
 
 
 def _check_end_marker(path: str | os.PathLike, offset: int) -> None:
     """An uncompressed tar cut exactly at a member boundary reads as a clean end in stream mode;
     a complete one has two zero blocks (the end-of-archive marker) where the next header would be."""
     with open(path, "rb") as f:
-        if f.read(6).startswith(_COMPRESSED_MAGIC):
-            return  # a compressed stream detects truncation itself (EOFError / zlib.error)
         f.seek(offset)
         end = f.read(2 * tarfile.BLOCKSIZE)
     if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):

@@ -69,7 +69,7 @@ class RunDir:
         digest = config_hash({"step": step, "config": resolved})
         cfg_file = path / CONFIG
         if cfg_file.exists():
-            old = yaml.safe_load(cfg_file.read_text()) or {}
+            old = _read_yaml(cfg_file)
             if old.get("hash") != digest:
                 raise ConfigMismatchError(_mismatch_message(path, step, old, resolved))
         else:
@@ -103,6 +103,14 @@ class RunDir:
         (self.path / STATS).unlink(missing_ok=True)
 
 
+def _read_yaml(path: AnyPath) -> dict[str, Any]:
+    """A run folder's _config.yaml, read safely (no Python tags: yaml.safe_load)."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not a valid run record ({str(exc).splitlines()[0]})") from exc
+
+
 def identity(cfg: Any, input_fingerprint: Any, **extra: Any) -> dict[str, Any]:
     """What defines a step's output folder: its settings, its input and anything else that
     decides the bytes it writes (a format version, a library version, a tokenizer hash)."""
@@ -119,7 +127,7 @@ def step_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     cfg_file = folder / CONFIG
     if not cfg_file.is_file():
         return None
-    written = yaml.safe_load(cfg_file.read_text()) or {}
+    written = _read_yaml(cfg_file)
     stats = folder / STATS
     return {
         "step": written.get("step"), "hash": written.get("hash"),

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from core import codeshard, keeplist, laion, ledger
-from core.imageshard import ReadReport, Sample, iter_shard
+from core.imageshard import MAX_MEMBER_BYTES, ReadReport, Sample, iter_shard
 from pretokenize import preprocess
 from pretokenize.geometry import TooSmall
 
@@ -41,6 +41,7 @@ class EncodeSettings:
     prefetch_batches: int  # batches decoded ahead of the encoder
     source: str = "auto"  # how the download resized the originals (pretokenize.geometry.SOURCES)
     allow_upscale: bool = False  # crop images with fewer pixels than res (else filtered too_small)
+    max_member_bytes: int = MAX_MEMBER_BYTES  # larger tar members are refused unread
 
 
 def original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
@@ -148,7 +149,7 @@ def encode_shard(
     with ThreadPoolExecutor(max(1, s.decode_threads), thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
         window = max(s.batch_size, s.prefetch_batches * s.batch_size)
-        for row, sample, fut in prefetched(iter_shard(tar, report), report, pool, window, stem, s, keep, writer):
+        for row, sample, fut in prefetched(iter_shard(tar, report, s.max_member_bytes), report, pool, window, stem, s, keep, writer):
             try:
                 prep = fut.result()
             except TooSmall as exc:  # fewer pixels than the crop needs: not upscaled by default
@@ -168,11 +169,10 @@ def encode_shard(
 def _finish(out: Path, tar: Path, stem: str, writer: ShardWriter, report: ReadReport,
             keep: frozenset[str] | None, seconds: float) -> dict[str, Any]:
     """Write the code shard, then the ledger part (the runner writes the marker last)."""
-    for j, (name, reason) in enumerate(report.refused):
-        writer.drop(report.samples + j, name, "failed", "refused_member", reason)
-    lost = [k for k in report.lost if keep is None or k in keep]
-    for j, key in enumerate(lost):
-        writer.drop(report.samples + len(report.refused) + j, key, "failed", "lost_from_tar", report.lost_reason())
+    unread = [(k, kind, why) for k, kind, why in report.unread()
+              if kind == "refused_member" or keep is None or k in keep]
+    for j, (key, kind, why) in enumerate(unread):
+        writer.drop(report.samples + j, key, "failed", kind, why)
     shard_info = None
     if writer.codes:
         codes = np.concatenate(writer.codes)  # (N, h*w)
@@ -182,7 +182,8 @@ def _finish(out: Path, tar: Path, stem: str, writer: ShardWriter, report: ReadRe
     kept = sum(r["state"] == "kept" for r in writer.records)
     info = {
         "source": str(tar), "shard": shard_info, "rows_in": len(writer.records), "kept": kept,
-        "damaged": report.damaged, "refused": len(report.refused), "lost": len(lost),
+        "damaged": report.damaged, "refused": len(report.refused), "lost": len(report.lost),
+        "duplicates": len(report.duplicates),
         "bad_members": [list(b) for b in report.bad_members],
         "seconds": round(seconds, 3), "images_per_s": round(kept / seconds, 2) if seconds > 0 else None,
     }

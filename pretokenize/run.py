@@ -18,7 +18,7 @@ from typing import Any
 from core import codeshard, keeplist, ledger, rundir
 from core.config import ConfigError, execution, settings
 from core.errors import StepIncomplete
-from core.imageshard import list_shards
+from core.imageshard import MAX_MEMBER_BYTES, list_shards
 from core.rundir import RunDir
 from core.units import EXECUTORS, Resources, Unit, run_units
 from core.vq import grid_shape, vq_info
@@ -38,6 +38,7 @@ class PretokenizeConfig:
     seed: int = 0  # base seed of random crops; per-sample seed = hash(seed, shard, key)
     keep_list: str | None = None  # parquet with `key`, `shard` columns; only those samples are encoded
     allow_upscale: bool = False  # encode images with fewer pixels than res (upscaled); else filtered too_small
+    max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is refused unread (core.imageshard)
     # How the download resized the originals (pretokenize.geometry): auto = the download folder's
     # resize_mode, else inferred per image; rescale | center_crop | border to say it.
     source_resize: str = "auto"
@@ -67,7 +68,7 @@ class PretokenizeConfig:
 
     def settings(self, decode_threads: int, source: str = "auto") -> EncodeSettings:
         return EncodeSettings(self.res, self.crop, self.seed, self.batch_size, decode_threads, self.prefetch_batches,
-                              source, self.allow_upscale)
+                              source, self.allow_upscale, self.max_member_bytes)
 
 
 def declared_source(cfg: PretokenizeConfig, input: Path) -> str:

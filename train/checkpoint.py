@@ -14,6 +14,7 @@ checkpoint, even after SIGKILL. Older checkpoints beyond `keep` are deleted afte
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -150,7 +151,14 @@ def load_weights(ckpt: Path, ema: bool = False) -> dict[str, torch.Tensor]:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    """The training state of a checkpoint. `weights_only=True`: tensors, numbers, strings and
+    containers only; a pickle that would build any other object (and so could run code) is
+    refused, never executed."""
+    try:
+        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{ckpt / 'state.pt'}: refused, it holds more than tensors and plain values "
+                              f"(a pickled object could run code): {str(exc).splitlines()[0]}") from exc
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Weights always come from a local file (no hub); tests and the ``debug`` stage us
 from __future__ import annotations
 
 import json
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 from open_clip.factory import load_state_dict
 from open_clip.model import _build_text_tower
 from torch import nn
+
+from core.config import ConfigError
 
 TINY_NAME = "tessera-tiny-text"
 # Tiny same-architecture config: real CLIP BPE vocabulary and 77 tokens, 64 wide, 3 layers.
@@ -120,7 +123,13 @@ class TextEncoder(nn.Module):
         """Load the text tower of a local checkpoint (.bin/.pt/.safetensors, or a folder): open_clip's
         whole-CLIP format, or Hugging Face's CLIPTextModel(WithProjection) of the same architecture."""
         tower = build_text_tower(model_name)
-        state = text_state_dict(load_state_dict(str(resolve_checkpoint(path))), set(tower.state_dict()))
+        file = resolve_checkpoint(path)
+        try:  # open_clip loads with weights_only=True: a pickle building arbitrary objects is refused
+            raw = load_state_dict(str(file))
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(f"{file}: refused, not a plain state dict (a pickled object could run code): "
+                              f"{str(exc).splitlines()[0]}") from exc
+        state = text_state_dict(raw, set(tower.state_dict()))
         tower.load_state_dict(state, strict=True)
         return cls(tower, model_name).to(device)
 

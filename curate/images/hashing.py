@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from core import atomic, laion
 from core.image import DecodeError, open_image
-from core.imageshard import ReadReport, iter_shard
+from core.imageshard import MAX_MEMBER_BYTES, ReadReport, iter_shard
 
 # One row per sample read (or listed as a success in the shard's parquet but missing from the tar).
 HASH_SCHEMA = pa.schema(
@@ -77,14 +77,15 @@ def hash_sample(sample: Any, shard: str, row: int, max_pixels: int, cache: dict[
     return rec
 
 
-def hash_shard(shard: str | Path, part: str | Path, max_pixels: int) -> dict[str, Any]:
+def hash_shard(shard: str | Path, part: str | Path, max_pixels: int, max_member_bytes: int = MAX_MEMBER_BYTES) -> dict[str, Any]:
     """Hash every sample of one shard into `part` (atomic); returns the shard's read report."""
     shard, part = Path(shard), Path(part)
     report = ReadReport(str(shard))
     cache: dict[str, int] = {}
-    records = [hash_sample(s, shard.name, i, max_pixels, cache) for i, s in enumerate(iter_shard(shard, report))]
-    records += [{"key": k, "shard": shard.name, "row": len(records) + i, "error": report.lost_reason()}
-                for i, k in enumerate(report.lost)]
+    records = [hash_sample(s, shard.name, i, max_pixels, cache) for i, s in enumerate(iter_shard(shard, report, max_member_bytes))]
+    records += [{"key": k, "shard": shard.name, "row": len(records) + i, "error": f"{kind}: {why}"}
+                for i, (k, kind, why) in enumerate(report.unread())]
     table = pa.Table.from_pylist(records, schema=HASH_SCHEMA)
     atomic.write_parquet(part, table)
-    return {"rows": table.num_rows, "damaged": report.damaged, "refused": len(report.refused), "lost": len(report.lost)}
+    return {"rows": table.num_rows, "damaged": report.damaged, "refused": len(report.refused), "lost": len(report.lost),
+            "duplicates": len(report.duplicates)}

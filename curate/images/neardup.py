@@ -23,7 +23,7 @@ from rich.console import Console
 from core import atomic, keeplist, ledger, rundir
 from core.config import execution
 from core.image import DEFAULT_MAX_PIXELS
-from core.imageshard import list_shards
+from core.imageshard import MAX_MEMBER_BYTES, list_shards
 from core.rundir import RunDir
 from core.units import Unit, run_units
 from curate.images import grouping, outputs
@@ -44,6 +44,8 @@ class NearDupConfig:
     placeholder_hosts: int = 20
     # Images with more pixels than this (read from the header) fail instead of being decoded.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # A tar member larger than this is refused unread (core.imageshard; a generous default).
+    max_member_bytes: int = MAX_MEMBER_BYTES
     # Also write OUT/<shard>.tar with only the kept samples (copies the images).
     write_shards: bool = False
     # Multi-index hashing band count (>= distance+1); null picks the fastest for the input size.
@@ -57,8 +59,8 @@ class NearDupConfig:
             raise ValueError(f"distance must be in 0..16 bits of 64, got {self.distance}")
         if self.placeholder_hosts < 0:
             raise ValueError(f"placeholder_hosts must be >= 0 (0 disables), got {self.placeholder_hosts}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_pixels < 1 or self.max_member_bytes < 1:
+            raise ValueError(f"max_pixels and max_member_bytes must be >= 1, got {self.max_pixels}, {self.max_member_bytes}")
         if self.bands is not None and not self.distance + 1 <= self.bands <= 64:
             raise ValueError(f"bands must be in distance+1..64 = {self.distance + 1}..64, got {self.bands}")
 
@@ -70,7 +72,8 @@ def run(cfg: NearDupConfig, inp: str, out: str) -> dict[str, Any]:
     if not shards:
         raise FileNotFoundError(f"{inp}: no .tar image shards found")
     rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp)))
-    units = [Unit(f"hash.{s.stem}", (str(s), str(rd.path / HASH_DIR / f"{s.stem}.parquet"), cfg.max_pixels),
+    units = [Unit(f"hash.{s.stem}", (str(s), str(rd.path / HASH_DIR / f"{s.stem}.parquet"), cfg.max_pixels,
+                        cfg.max_member_bytes),
                   input=rundir.file_identity(s)) for s in shards]
     infos = run_units(rd, units, hash_shard, "neardup: hashing shards")
     table = pa.concat_tables([pq.read_table(rd.path / HASH_DIR / f"{s.stem}.parquet", schema=HASH_SCHEMA) for s in shards])

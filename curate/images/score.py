@@ -28,7 +28,7 @@ from core import atomic, keeplist, laion, ledger, rundir
 from core.config import execution, to_dict
 from core.errors import StepIncomplete
 from core.image import DEFAULT_MAX_PIXELS, DecodeError, open_image, to_rgb
-from core.imageshard import ReadReport, iter_shard, list_shards
+from core.imageshard import MAX_MEMBER_BYTES, ReadReport, iter_shard, list_shards
 from core.ray_util import cluster_cpus, cluster_gpus, init_ray
 from core.rundir import RunDir
 from core.units import EXECUTORS, Resources, Unit, run_units
@@ -75,6 +75,8 @@ class ScoreConfig:
     batch_size: int = execution(32)
     # Images with more pixels than this (read from the header) fail instead of being decoded.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # A tar member larger than this is refused unread (core.imageshard; a generous default).
+    max_member_bytes: int = MAX_MEMBER_BYTES
     # Parquet with `key`, `shard` columns (e.g. neardup's keep.parquet): score only those samples.
     # An input folder that is a neardup output (keep.parquet, no shards) implies it.
     keep_list: str | None = None
@@ -184,7 +186,7 @@ def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 
     With `keep`, only those keys are input rows (the rest were dropped by an earlier step)."""
     report = ReadReport(str(shard))
     rows, led = [], []
-    wanted = ((i, s) for i, s in enumerate(iter_shard(shard, report)) if keep is None or s.key in keep)
+    wanted = ((i, s) for i, s in enumerate(iter_shard(shard, report, cfg.max_member_bytes)) if keep is None or s.key in keep)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for batch in decoded_batches(wanted, cfg, pool):
             good = [(i, s, im) for i, s, im in batch if not isinstance(im, DecodeError)]
@@ -194,8 +196,9 @@ def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 
             if good:
                 _fill(scorers, batch_rows, [im for _, _, im in good])
             rows += batch_rows
-    lost = [k for k in report.lost if keep is None or k in keep]
-    led += [{"row": len(led) + i, "key": k, "state": "failed", "reason": report.lost_reason()} for i, k in enumerate(lost)]
+    unread = [u for u in report.unread() if keep is None or u[0] in keep]
+    led += [{"row": len(led) + i, "key": k, "state": "failed", "reason": kind, "value": why}
+            for i, (k, kind, why) in enumerate(unread)]
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), ledger.rows(STEP_NAME, shard.name, led)
 
 

@@ -84,3 +84,32 @@ def test_invalid_json_member_recorded(tmp_path):
     report = ReadReport("x")
     (s,) = list(iter_shard(tmp_path / "x.tar", report))
     assert s.meta == {} and report.bad_members[0][0] == "0.json"
+
+
+def test_oversized_member_refused_without_reading_it(tmp_path):
+    raw_tar(tmp_path / "s.tar", [("k1.jpg", b"x" * 5000), ("k1.txt", b"cap"), ("k2.jpg", b"y" * 100), ("k2.txt", b"c2")])
+    report = ReadReport("x")
+    got = list(iter_shard(tmp_path / "s.tar", report, max_member_bytes=1000))
+    assert [(s.key, s.image) for s in got] == [("k1", None), ("k2", b"y" * 100)]
+    assert report.refused == [("k1.jpg", "5000 bytes, over the 1000-byte cap")]
+    assert report.unread() == [("k1.jpg", "refused_member", "5000 bytes, over the 1000-byte cap")]
+
+
+@pytest.mark.parametrize("mode,kind", [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
+def test_compressed_tars_are_refused_whole(tmp_path, mode, kind):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, mode) as tar:  # a few KB that would inflate to a lot more
+        info = tarfile.TarInfo("k.jpg")
+        info.size = 10_000_000
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    report = ReadReport("x")
+    assert list(iter_shard(path, report)) == [] and f"{kind}-compressed tar is not accepted" in report.damaged
+
+
+def test_a_key_met_again_is_recorded_and_read_once(tmp_path):
+    raw_tar(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.txt", b"first"), ("b.jpg", b"2"), ("b.txt", b"b"),
+                                 ("a.jpg", b"3"), ("a.txt", b"again")])
+    report = ReadReport("x")
+    got = list(iter_shard(tmp_path / "s.tar", report))
+    assert [(s.key, s.caption) for s in got] == [("a", "first"), ("b", "b")]
+    assert report.duplicates == ["a"] and report.unread()[0][:2] == ("a", "duplicate_key")

@@ -156,4 +156,4 @@ def test_truncated_tar_keeps_what_it_can_and_fails_the_rest(shards, tmp_path) ->
     read = [r for r in rows if r["error"] is None]
     lost = [r for r in rows if r["error"] is not None]
     assert read and lost and all(r["phash"] is not None for r in read)
-    assert all(r["error"].startswith("missing from 00001.tar:") for r in lost)
+    assert all(r["error"].startswith("lost_from_tar: missing from 00001.tar:") for r in lost)
