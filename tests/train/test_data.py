@@ -49,9 +49,12 @@ def test_long_caption_probability(code_folder):
     for i, idx in zip(range(8), batch.indices):
         want = "a long description" if idx % 2 == 0 else "a photo number"
         assert batch.captions[i].startswith(want)
+        assert batch.long[i] == (idx % 2 == 0)  # rows without a long caption fall back and are not counted
     draws = np.random.default_rng(0).random(20000)
-    picked = pick_captions(["c"] * 20000, ["l"] * 20000, draws, 0.3)
-    assert abs(picked.count("l") / 20000 - 0.3) < 0.015
+    picked, long = pick_captions(["c"] * 20000, ["l"] * 20000, draws, 0.3)
+    assert abs(picked.count("l") / 20000 - 0.3) < 0.015 and long.sum() == picked.count("l")
+    picked, long = pick_captions(["c", "c", None], ["l", None, ""], np.zeros(3), 0.5)
+    assert picked == ["l", "c", ""] and long.tolist() == [True, False, False]
 
 
 def test_cursor_resume_gives_the_same_batches(code_folder):

@@ -104,7 +104,9 @@ def test_debug_model_overfits_and_sampler_reproduces(tmp_path, make_code_folder)
     model, text, meta = load_for_sampling(tmp_path / "run")
     ds = CodeDataset(data)
     prompts = [ds.row(i)["caption"] for i in range(4)]
-    codes = generate(model, text, prompts, tuple(meta["grid"]), meta["resolution"], steps=8, cfg=1.0, seed=1)
+    assert (meta["convention"], meta["precision"]) == ("tessera", "fp32")
+    assert meta["sample_micro_conds"] == [64.0, 64.0, 0.0, 0.0, 6.0]  # the data's medians (uniform_micro)
+    codes = generate(model, text, prompts, tuple(meta["grid"]), meta["sample_micro_conds"], steps=8, cfg=1.0, seed=1)
     want = torch.from_numpy(ds.codes(range(4)).astype("int64")).view(4, 4, 4)
     assert torch.equal(codes, want)
 
