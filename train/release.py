@@ -101,7 +101,9 @@ def pad_token_id(folder: str | Path) -> int:
     else:
         import open_clip
 
-        vocab = open_clip.get_tokenizer("ViT-H-14").encoder
+        tokenizer = open_clip.get_tokenizer("ViT-H-14")  # names its special tokens differently
+        vocab = dict(tokenizer.encoder, **{"<|startoftext|>": tokenizer.sot_token_id,
+                                           "<|endoftext|>": tokenizer.eot_token_id})
     if token not in vocab:
         raise ReleaseError(f"{tok}: pad token {token!r} is not in the CLIP vocabulary")
     return int(vocab[token])

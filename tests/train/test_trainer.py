@@ -170,3 +170,31 @@ def test_two_process_ddp_on_cpu(tmp_path, make_code_folder):
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(0 < r["loss"] < 10 for r in records)
     state = checkpoint.load_state(checkpoint.latest(run_dir))
     assert state["cursor"]["world"] == 2 and state["step"] == 4
+
+
+def test_long_caption_share_and_conventions_are_recorded(tmp_path, make_code_folder):
+    """Each log window reports p and the share of samples that really trained on a long caption
+    (every second row has one; the others fall back to their caption and are not counted). The
+    checkpoint records convention, precision and the data's median micro-conditions; a stage
+    that starts from it inherits the convention and refuses a contradicting one."""
+    from core.config import ConfigError
+    from train.data import CodeLoader, open_dataset
+
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(12, 9))
+    sets = FAST + [f"data.path={data}", "steps=4", "log_every=2", "ckpt_every=4", "batch_size=6",
+                   "micro_batch_size=3", "data.long_caption_prob=0.7"]
+    cfg = load_stage("debug", REPO_PIPELINES, _sets(sets))
+    run(cfg, "debug", tmp_path / "run")
+    loader = CodeLoader(open_dataset(cfg.data), 3, seed=0, long_caption_prob=0.7)
+    longs = [loader.next_batch().long.sum() for _ in range(8)]  # 4 steps x 2 micro-batches
+    want = [sum(longs[0:4]) / 12, sum(longs[4:8]) / 12]
+    records = read_records(tmp_path / "run")
+    assert [r["long_caption_share"] for r in records] == pytest.approx(want)
+    assert {r["long_caption_prob"] for r in records} == {0.7} and 0 < sum(want) < 2
+
+    meta = checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))
+    assert (meta["convention"], meta["precision"]) == ("tessera", "fp32")
+    assert meta["sample_micro_conds"][:2] == [110.0, 210.0]  # medians of orig_w = 100+i, orig_h = 200+i, i < 21
+    later = _sets(sets + [f"init_from={tmp_path / 'run'}", "convention=meissonic"])
+    with pytest.raises(ConfigError, match="contradicts .* uses 'tessera'"):
+        run(load_stage("debug", REPO_PIPELINES, later), "debug", tmp_path / "next")
