@@ -27,10 +27,36 @@ FAST = ["threads=1", "deterministic=true", "tensorboard=false", "sample.every=0"
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
+    import torch._inductor.config as inductor_config
+
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             inductor_config.deterministic)
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[:2]
+    torch.backends.cuda.enable_cudnn_sdp(flags[2])
+    torch.backends.cuda.enable_mem_efficient_sdp(flags[3])
+    inductor_config.deterministic = flags[4]
+
+
+def test_deterministic_sets_every_switch(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from train.stages import StageConfig
+    from train.trainer import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    set_determinism(StageConfig(deterministic=False, threads=1))
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_determinism(StageConfig(deterministic=True, threads=1))
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and inductor_config.deterministic
 
 
 def _sets(items: list[str]) -> dict:
