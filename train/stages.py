@@ -126,17 +126,37 @@ def load_stage(
 VQ_DOWNSAMPLE = 16  # the Meissonic/aMUSEd VQ-GAN is f16: a 256 px image is a 16x16 code grid
 
 
-def plan_stage(cfg: StageConfig, gpus: int, gpu: str, mfu: float) -> dict[str, Any]:
-    """GPU-days of a stage from its model's FLOPs per token (see train/flops.py)."""
+def _planned_model(cfg: StageConfig):
+    """(ModelConfig, code grid) of a stage with a fixed resolution."""
     import dataclasses
 
-    from train.flops import plan
     from train.model import MODELS
 
     if cfg.resolution is None:
         raise ConfigError("plan needs a stage with a fixed resolution (the debug stage takes any shards)")
     if cfg.model not in MODELS:
         raise ConfigError(f"model: unknown preset {cfg.model!r} (known: {', '.join(sorted(MODELS))})")
-    model_cfg = dataclasses.replace(MODELS[cfg.model], downsample=cfg.downsample)
     side = cfg.resolution // VQ_DOWNSAMPLE
-    return plan(model_cfg, (side, side), cfg.steps, cfg.batch_size, gpus, gpu=gpu, mfu=mfu)
+    return dataclasses.replace(MODELS[cfg.model], downsample=cfg.downsample), (side, side)
+
+
+def plan_stage(cfg: StageConfig, gpus: int, gpu: str, mfu: float) -> dict[str, Any]:
+    """GPU-days of a stage from its model's FLOPs per token (see train/flops.py)."""
+    from train.flops import plan
+
+    model_cfg, grid = _planned_model(cfg)
+    return plan(model_cfg, grid, cfg.steps, cfg.batch_size, gpus, gpu=gpu, mfu=mfu)
+
+
+def plan_measured(cfg: StageConfig, measured: dict[str, Any], gpu: str, gpus: int) -> dict[str, Any]:
+    """GPU-days of a stage from one GPU's measured optimizer step (bench/gpu_stages.py writes
+    {"step_s", "micro_batch", "accum", "resolution", ...} per stage), at the stage's own steps
+    and global batch from pipelines.yaml."""
+    from train.flops import measured_plan
+
+    model_cfg, grid = _planned_model(cfg)
+    if measured.get("resolution") != cfg.resolution:
+        raise ConfigError(f"measured at {measured.get('resolution')} px, but the stage trains at {cfg.resolution} px")
+    out = measured_plan(model_cfg, grid, cfg.steps, cfg.batch_size, float(measured["step_s"]),
+                        int(measured["micro_batch"]) * int(measured["accum"]), gpu, gpus)
+    return dict(out, measured_micro_batch=measured["micro_batch"], stage_micro_batch=cfg.micro_batch_size)
