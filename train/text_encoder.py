@@ -44,8 +44,8 @@ class TextConfig:
                           # (bench/gpu_stages.py), the captions then mean nothing
 
     def __post_init__(self) -> None:
-        if self.tiny and self.random:
-            raise ValueError("text.tiny and text.random exclude each other")
+        if sum((self.tiny, self.random, bool(self.checkpoint))) > 1:
+            raise ValueError("text: set one of checkpoint, tiny or random (random/tiny: --set text.checkpoint=null)")
         if not (self.tiny or self.random or self.checkpoint):
             raise ValueError(
                 "text.checkpoint is required (a local open_clip ViT-H-14 checkpoint); "

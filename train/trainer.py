@@ -243,12 +243,15 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        """Codes for the fixed prompts with the current weights, decoded to RUN/samples/step_N.png."""
+        """Codes for the fixed prompts with the current weights, decoded to RUN/samples/step_N.png.
+        Run eagerly: a grid every ~1000 steps would otherwise compile inference graphs of its own
+        batch size (tens of seconds per block class) to save a fraction of that."""
         s = self.cfg.sample
         self.raw.eval()
-        codes = generate(self.raw, self.text, s.prompts, self.grid, self.sample_micro, steps=s.steps, cfg=s.cfg,
-                         negative_prompt=s.negative_prompt, seed=s.seed, convention=self.convention,
-                         autocast=self.autocast)
+        with torch.compiler.set_stance("force_eager"):
+            codes = generate(self.raw, self.text, s.prompts, self.grid, self.sample_micro, steps=s.steps, cfg=s.cfg,
+                             negative_prompt=s.negative_prompt, seed=s.seed, convention=self.convention,
+                             autocast=self.autocast)
         self.raw.train()
         if not self.dist.is_main:
             return None
