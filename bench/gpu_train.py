@@ -44,9 +44,10 @@ DEFAULT_BATCH = {256: 64, 512: 16, 1024: 8}  # per-GPU batch that fits 80 GB wit
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="meissonic-1b", choices=sorted(MODELS), help="model preset")
-    p.add_argument("--res", type=int, nargs="+", default=[256, 512],
+    p.add_argument("--res", type=int, nargs="+", default=None,
                    help="image resolutions in px (f16 VQ: grid = res/16; 1024 adds the 2x2 compression)")
-    p.add_argument("--batch-size", type=int, default=None, help="per-step batch (default: by resolution)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="micro-batch per resolution (one value for all, or one per --res; default: by resolution)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per resolution (default 10)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first: compilation, allocator (default 3)")
@@ -65,8 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     small = args.small  # --small picks the debug preset at 256 px; explicit options still win
     if small:
-        args.preset, args.res = "debug", [256]
-    args.batch_size = args.batch_size or (8 if small else None)
+        args.preset = "debug"
+    args.res = args.res or ([256] if small else [256, 512])
+    args.batch_size = args.batch_size or ([8] if small else None)
+    if args.batch_size and len(args.batch_size) not in (1, len(args.res)):
+        p.error("--batch-size takes one value, or one per --res")
     args.steps = args.steps if args.steps is not None else (3 if small else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     return args
@@ -158,7 +162,10 @@ def bench_resolution(args: argparse.Namespace, device: torch.device, res: int, p
     base = MODELS[args.preset]
     cfg = dataclasses.replace(base, downsample=res >= 1024) if args.preset != "debug" else base
     grid = (res // 16, res // 16)
-    b = args.batch_size or (DEFAULT_BATCH.get(res, 8) if device.type == "cuda" else 8)
+    if args.batch_size:
+        b = args.batch_size[args.res.index(res) if len(args.batch_size) > 1 else 0]
+    else:
+        b = DEFAULT_BATCH.get(res, 8) if device.type == "cuda" else 8
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     model.gradient_checkpointing = args.grad_ckpt

@@ -37,15 +37,16 @@ HF_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.
 
 @dataclass
 class TextConfig:
-    checkpoint: str | None = None  # open_clip ViT-H-14 checkpoint (local path); required unless tiny or random
+    checkpoint: str | None = None  # open_clip ViT-H-14 checkpoint (local path); required unless tiny or random,
+                                   # which take precedence (a --set cannot clear a key to null)
     tiny: bool = False  # use the tiny seeded text encoder (debug stage: no checkpoint needed)
     tiny_seed: int = 0  # seed of the tiny (or random) text encoder; fixed so a resumed run encodes identically
     random: bool = False  # the real ViT-H-14 text tower with seeded random weights: throughput runs only
                           # (bench/gpu_stages.py), the captions then mean nothing
 
     def __post_init__(self) -> None:
-        if sum((self.tiny, self.random, bool(self.checkpoint))) > 1:
-            raise ValueError("text: set one of checkpoint, tiny or random (random/tiny: --set text.checkpoint=null)")
+        if self.tiny and self.random:
+            raise ValueError("text.tiny and text.random exclude each other")
         if not (self.tiny or self.random or self.checkpoint):
             raise ValueError(
                 "text.checkpoint is required (a local open_clip ViT-H-14 checkpoint); "

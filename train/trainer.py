@@ -101,7 +101,8 @@ def set_determinism(cfg: StageConfig) -> None:
     torch.backends.cuda.enable_mem_efficient_sdp(False)
     import torch._inductor.config as inductor_config
 
-    inductor_config.deterministic = True  # torch >= 2.10 also sets it through use_deterministic_algorithms
+    if hasattr(inductor_config, "deterministic"):  # older torch has no such switch (nor the autotuning it stops)
+        inductor_config.deterministic = True  # recent torch also sets it through use_deterministic_algorithms
 
 
 class Trainer:
