@@ -27,8 +27,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: print one line, exit 2 (no traceback)."""
     from core.vq import VQError
     from train.checkpoint import CheckpointError
+    from train.release import ReleaseError
 
-    return (ConfigError, CodeShardError, CheckpointError, VQError, FileNotFoundError)
+    return (ConfigError, CodeShardError, CheckpointError, VQError, ReleaseError, FileNotFoundError)
 
 
 def _fail(exc: BaseException) -> None:

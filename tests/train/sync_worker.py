@@ -7,6 +7,7 @@ FSDP2 with compiled blocks) and of `no_sync` on a torch.compile(DDP(...)) wrappe
 Rank 0 prints one JSON line: {mode: {"rounds": [reduction rounds of each cycle's last
 micro-batch], "early": reductions during the other micro-batches, "compiled": bool}}. A DDP round
 ends with the bucket DDP flags `is_last()`; an FSDP2 round is one reduce-scatter per sharded module.
+Also "ordered_sum_rel_diff": deterministic mode's DDP hook against DDP's own all-reduce.
 No `from __future__ import annotations`: DDP checks a comm hook's annotations as objects.
 """
 import contextlib
@@ -97,6 +98,23 @@ def run_compiled_wrapper(d: distributed.Dist) -> dict:
     return {"rounds": SEEN["last"], "early": SEEN["early"], "compiled": True}
 
 
+def check_ordered_sum(d: distributed.Dist) -> float:
+    """Largest gradient difference between DDP's all-reduce and `ordered_sum_hook` (deterministic
+    mode's rank-ordered mean) after the same synced backward on each rank's own batch."""
+    grads = []
+    for hook in (None, distributed.ordered_sum_hook):
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(build_model(MODELS["debug"]))
+        if hook is not None:
+            ddp.register_comm_hook(None, hook)
+        g = torch.Generator().manual_seed(d.rank)
+        ddp(torch.randint(0, 64, (2, 4, 4), generator=g), torch.randn(2, 7, 64, generator=g),
+            torch.randn(2, 64, generator=g), torch.rand(2, 5, generator=g) * 100,
+            torch.rand(2, generator=g)).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in ddp.parameters()])
+    return max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(*grads))
+
+
 def main() -> None:
     codes, out = sys.argv[1], Path(sys.argv[2])
     d = distributed.init()
@@ -105,6 +123,7 @@ def main() -> None:
     results["compile(ddp)"] = run_compiled_wrapper(d)
     count_reduce_scatters()
     results.update({mode: run_trainer(codes, out, mode, d) for mode in ("fsdp", "fsdp_compiled")})
+    results["ordered_sum_rel_diff"] = check_ordered_sum(d)
     if d.is_main:
         print(json.dumps(results), flush=True)
     distributed.shutdown()
