@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 8 -m train.cli run stage1 --data codes256/
     train sample --checkpoint runs/stage1 --prompt "a red fox" --out fox.png
     train plan stage1 --gpus 64 --gpu h100 --mfu 0.4
+    train plan --measured gpu_results/measured.json --gpus 64   # stages 1-3 from measured step times
 """
 from __future__ import annotations
 
@@ -72,16 +73,22 @@ def sample_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    stage: str = typer.Argument(..., help="Stage name (stage1, stage2, stage3)."),
-    gpus: int = typer.Option(..., "--gpus", help="Number of GPUs."),
-    gpu: str = typer.Option("h100", "--gpu", help="h100, h200 or a100."),
+    stage: Optional[str] = typer.Argument(None, help="Stage name (stage1, stage2, stage3); with --measured: default all measured stages."),
+    gpus: int = typer.Option(1, "--gpus", help="Number of GPUs (divides the wall-clock days)."),
+    gpu: str = typer.Option("h100", "--gpu", help="h100, h200 or a100 (with --measured: the file's GPU)."),
     mfu: float = typer.Option(0.4, "--mfu", help="Model-FLOPs utilisation, measured (bench/gpu_train.py) or assumed."),
+    measured: Optional[Path] = typer.Option(None, "--measured", help="JSON of measured step times (bench/gpu_stages.py writes it): GPU-days from those instead of an MFU."),
     config: Optional[Path] = typer.Option(None, "--config", help="pipelines.yaml to read."),
 ) -> None:
-    """Estimate GPU-days of a stage from its FLOPs per token, beside the paper's 48 H100-days."""
+    """Estimate GPU-days of a stage from its FLOPs per token, or of stages 1-3 from measured step times."""
     from train.stages import load_stage, plan_stage
 
     with user_errors():
+        if measured is not None:
+            _plan_measured(measured, stage, gpus, config)
+            return
+        if stage is None:
+            raise ConfigError("give a STAGE, or --measured FILE")
         try:
             result = plan_stage(load_stage(stage, config), gpus, gpu, mfu)
         except ValueError as exc:  # an unknown GPU or an MFU outside (0, 1]
@@ -92,6 +99,34 @@ def plan_cmd(
     for key, value in result.items():
         table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def _plan_measured(path: Path, stage: str | None, gpus: int, config: Path | None) -> None:
+    """The --measured table: one row per stage and the total, beside the goal and the paper."""
+    import json
+
+    from train.flops import GOAL_H100_DAYS, PAPER_H100_DAYS
+    from train.stages import load_stage, plan_measured
+
+    doc = json.loads(path.read_text())
+    names = [stage] if stage else sorted(doc["stages"])
+    missing = [n for n in names if n not in doc["stages"]]
+    if missing:
+        raise ConfigError(f"{path}: no measurement for {', '.join(missing)} (has {', '.join(sorted(doc['stages']))})")
+    rows = {n: plan_measured(load_stage(n, config), doc["stages"][n], doc["gpu"], gpus) for n in names}
+    table = Table(title=f"plan from {path} ({doc.get('device', doc['gpu'])}), {gpus} GPU(s)")
+    for col in ("stage", "measured micro x accum", "images/s/GPU", "MFU", "images", f"{doc['gpu'].upper()}-days",
+                "wall days"):
+        table.add_column(col, justify="right")
+    for n, r in rows.items():
+        m = doc["stages"][n]
+        table.add_row(n, f"{m['micro_batch']} x {m['accum']}", f"{r['images_per_s_per_gpu']:,.1f}", f"{r['mfu']:.1%}",
+                      f"{r['images']:,}", f"{r['gpu_days']:.2f}", f"{r['wall_days']:.2f}")
+    total = sum(r["gpu_days"] for r in rows.values())
+    table.add_row("total", "", "", "", "", f"{total:.2f}", f"{total / gpus:.2f}")
+    console.print(table)
+    console.print(f"goal <= {GOAL_H100_DAYS:g} H100-days; the paper: {PAPER_H100_DAYS:g} H100-days "
+                  f"(measured stages only; linear scaling over GPUs assumed)")
 
 
 tidy_help(app)

@@ -21,10 +21,14 @@ MICRO_COND_COLUMNS = ("orig_w", "orig_h", "crop_top", "crop_left")  # + the scor
 TEXT_COLUMNS = ("caption", "long_caption")
 
 
+TYPICAL_ROWS = 1_000_000  # rows (evenly spaced) the sample grid's typical micro-conditions come from
+
+
 @dataclass
 class DataConfig:
     path: str | None = None  # code-shard folder written by `pretokenize` (holds manifest.json)
     long_caption_prob: float = 0.0  # probability of training on `long_caption` when a row has one
+                                    # (rows without one always train on `caption`)
     default_score: float = 6.0  # aesthetic micro-condition for rows whose score is null
     verify_checksums: bool = False  # sha256 every shard against the manifest at start-up (slow)
 
@@ -57,6 +61,7 @@ class Batch:
     captions: list[str]  # B prompts (caption or long_caption)
     micro_conds: torch.Tensor  # (B, 5) float32: orig_w, orig_h, crop_top, crop_left, score
     indices: np.ndarray  # (B,) global row ids (for debugging and tests)
+    long: np.ndarray  # (B,) bool: the sample's caption is its long caption
 
 
 class CodeLoader:
@@ -110,13 +115,10 @@ class CodeLoader:
         h, w = self.grid
         codes = torch.from_numpy(self.dataset.codes(idx).astype(np.int64)).view(len(idx), h, w)
         cols = gather_columns(self.dataset, idx, TEXT_COLUMNS + MICRO_COND_COLUMNS + ("aesthetic",))
-        return Batch(
-            codes=codes,
-            captions=pick_captions(cols.column("caption").to_pylist(), cols.column("long_caption").to_pylist(),
-                                   rng.random(len(idx)), self.long_caption_prob),
-            micro_conds=micro_conds(cols, self.default_score),
-            indices=idx,
-        )
+        captions, long = pick_captions(cols.column("caption").to_pylist(), cols.column("long_caption").to_pylist(),
+                                       rng.random(len(idx)), self.long_caption_prob)
+        return Batch(codes=codes, captions=captions, micro_conds=micro_conds(cols, self.default_score),
+                     indices=idx, long=long)
 
     def __iter__(self):
         while True:
@@ -147,9 +149,12 @@ def gather_columns(dataset: CodeDataset, indices: np.ndarray, names: tuple[str, 
     return combined.take(np.argsort(np.concatenate(positions)))
 
 
-def pick_captions(captions: list[str], long_captions: list[str | None], draws: np.ndarray, p: float) -> list[str]:
-    """Per sample: the long caption when one exists and its draw in [0, 1) is < p, else the caption."""
-    return [lc if lc and d < p else c or "" for c, lc, d in zip(captions, long_captions, draws)]
+def pick_captions(captions: list[str], long_captions: list[str | None], draws: np.ndarray, p: float
+                  ) -> tuple[list[str], np.ndarray]:
+    """Per sample: the long caption when one exists and its draw in [0, 1) is < p, else the caption.
+    Returns (the B prompts, (B,) bool: which are long captions)."""
+    long = np.array([bool(lc) and d < p for lc, d in zip(long_captions, draws)], dtype=bool)
+    return [lc if use else c or "" for c, lc, use in zip(captions, long_captions, long)], long
 
 
 def micro_conds(cols: pa.Table, default_score: float) -> torch.Tensor:
@@ -160,6 +165,25 @@ def micro_conds(cols: pa.Table, default_score: float) -> torch.Tensor:
     score = out[:, 4]
     score[np.isnan(score)] = default_score
     return torch.from_numpy(out)
+
+
+def typical_micro_conds(dataset: CodeDataset, default_score: float, max_rows: int = TYPICAL_ROWS) -> list[float]:
+    """Medians of [orig_w, orig_h, crop_top, crop_left, score] over the data (every row, or
+    `max_rows` evenly spaced ones): the micro-conditions of the sample grid, so it shows what a
+    typical training image looks like rather than a made-up uncropped square. Null values are left
+    out; a score column that is all null gives `default_score` (what training feeds such rows)."""
+    n = len(dataset)
+    idx = np.arange(n) if n <= max_rows else np.linspace(0, n - 1, max_rows).round().astype(np.int64)
+    cols = gather_columns(dataset, idx, MICRO_COND_COLUMNS + ("aesthetic",))
+    out = []
+    for name in MICRO_COND_COLUMNS + ("aesthetic",):
+        values = cols.column(name).to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
+        out.append(float(np.nanmedian(values)) if not np.isnan(values).all() else float("nan"))
+    if np.isnan(out[4]):
+        out[4] = float(default_score)
+    if any(np.isnan(v) for v in out[:4]):
+        raise CodeShardError(f"{dataset.folder}: a micro-condition column ({', '.join(MICRO_COND_COLUMNS)}) is all null")
+    return out
 
 
 def open_dataset(cfg: DataConfig) -> CodeDataset:

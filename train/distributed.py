@@ -74,8 +74,12 @@ def micro_batch(global_batch: int, world: int, micro: int | None) -> int:
     return global_batch // world
 
 
-def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
-    """DDP (default) or FSDP2 (`fully_shard` per transformer block, then the root) when world > 1."""
+def wrap(model: nn.Module, d: Dist, fsdp: bool, deterministic: bool = False) -> nn.Module:
+    """DDP (default) or FSDP2 (`fully_shard` per transformer block, then the root) when world > 1.
+
+    The wrapper is the outermost module: `torch.compile` is applied to the blocks inside it
+    beforehand (`model.compile_blocks`), so `no_sync` / `set_requires_gradient_sync` act on the
+    wrapper itself. deterministic: DDP sums gradients in rank order (`ordered_sum_hook`)."""
     if d.world == 1:
         return model
     if fsdp:
@@ -86,12 +90,49 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
                 fully_shard(module)
         return fully_shard(model)
     ids = [d.local_rank] if d.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if deterministic:
+        ddp.register_comm_hook(None, ordered_sum_hook)
+    return ddp
+
+
+def ordered_sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: the mean of a gradient bucket over ranks, summed in rank order.
+
+    An all-reduce adds the ranks' values in an order that depends on where an element sits in the
+    bucket (ring/tree chunks), and DDP re-lays its buckets out after each process's first step, so
+    a resumed process would add in another order than the uninterrupted one (with > 2 ranks; two
+    terms commute). All-gather then a local sum in rank order is layout-independent, at
+    world_size/2 times the traffic of an all-reduce (deterministic runs only)."""
+    buffer = bucket.buffer()
+    world = dist.get_world_size()
+    gathered = [torch.empty_like(buffer) for _ in range(world)]
+    fut = dist.all_gather(gathered, buffer, async_op=True).get_future()
+
+    def reduce(_: torch.futures.Future) -> torch.Tensor:
+        total = gathered[0].clone()
+        for part in gathered[1:]:
+            total += part
+        return buffer.copy_(total.div_(world))
+
+    return fut.then(reduce)
+
+
+# DDP checks a hook's annotations as objects; this module's are strings (postponed evaluation).
+ordered_sum_hook.__annotations__.update(bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]})
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module under `torch.compile`'s wrapper (an OptimizedModule keeps it as `_orig_mod`)."""
+    return getattr(model, "_orig_mod", model)
 
 
 @contextlib.contextmanager
 def no_sync(model: nn.Module, last: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation.
+
+    Works on DDP and FSDP2 modules, also when they sit under `torch.compile(...)`'s wrapper."""
+    model = unwrap_compiled(model)
     if last:
         yield
     elif isinstance(model, nn.parallel.DistributedDataParallel):

@@ -18,6 +18,7 @@ from train.model import ModelConfig
 # Peak dense bf16 tensor-core throughput (TFLOP/s, SXM parts, no sparsity).
 GPU_PEAK_TFLOPS: dict[str, float] = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 PAPER_H100_DAYS = 48.0  # Meissonic paper: the whole three-stage training on H100s
+GOAL_H100_DAYS = 12.0  # this project's goal for the three stages (issue 12)
 # The paper's three stages as (name, code grid, global batch, steps, compression): reference only,
 # to put a plan beside the paper's figure; the trainer's own settings live in pipelines.yaml.
 PAPER_STAGES: tuple[tuple[str, tuple[int, int], int, int, bool], ...] = (
@@ -98,6 +99,25 @@ def plan(cfg: ModelConfig, grid: tuple[int, int], steps: int, batch_size: int, g
             "images_per_s": batch_size * steps / (days / gpus * 86400.0),
             "h100_days_at_same_mfu": gpu_days(total, "h100", mfu),
             "paper_h100_days_all_stages": PAPER_H100_DAYS}
+
+
+def measured_plan(cfg: ModelConfig, grid: tuple[int, int], steps: int, batch_size: int, step_s: float,
+                  images_per_step: int, gpu: str, gpus: int = 1, text_len: int = 77) -> dict[str, float | str | int]:
+    """GPU-days of a stage from a measured step: ``step_s`` seconds per optimizer step of
+    ``images_per_step`` images on ONE GPU of kind ``gpu`` (``train plan --measured``). The stage
+    trains ``steps * batch_size`` images; ``gpus`` only divides the wall-clock time (linear
+    scaling assumed: one GPU's step time with the all-reduce left out)."""
+    if step_s <= 0 or images_per_step <= 0 or gpus <= 0:
+        raise ValueError(f"step_s, images_per_step and gpus must be > 0, got {step_s}, {images_per_step}, {gpus}")
+    if gpu not in GPU_PEAK_TFLOPS:
+        raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPU_PEAK_TFLOPS)}")
+    images_per_s = images_per_step / step_s
+    images = steps * batch_size
+    days = images / images_per_s / 86400.0
+    achieved = flops_per_token(cfg, grid, text_len) * grid[0] * grid[1] * images_per_s
+    return {"gpu": gpu, "gpus": gpus, "grid": f"{grid[0]}x{grid[1]}", "steps": steps, "batch_size": batch_size,
+            "images": images, "images_per_s_per_gpu": images_per_s, "mfu": achieved / (GPU_PEAK_TFLOPS[gpu] * 1e12),
+            "gpu_days": days, "wall_days": days / gpus}
 
 
 def paper_total_flops(cfg: ModelConfig, text_len: int = 77) -> float:

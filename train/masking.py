@@ -3,8 +3,10 @@
 Training step:  t ~ U(0,1) -> mask ratio r = cos(pi t / 2) -> mask round(r * L) tokens (>= 1)
 -> model(masked codes, timestep = cond_value(ratio actually masked)) -> CE on masked tokens.
 The sampler calls the same `cond_value` with the fraction of tokens still masked, so the
-model sees one conditioning convention in training and sampling (upstream Meissonic feeds
-the mask ratio in training but the step index at inference).
+model sees one conditioning convention in training and sampling. Upstream Meissonic does not:
+its trainer feeds 1000 x the drawn ratio (the transformer's x1000 makes that r * 10^6) and its
+pipeline feeds the step index counting down; `train/convention.py` reproduces that for the
+released weights and records which convention a run uses.
 
 Classifier-free guidance dropout lives here too: per sample with probability p, BOTH the
 text hidden states and the pooled vector are replaced by the empty prompt's encoding
@@ -27,9 +29,10 @@ def mask_rate(t: torch.Tensor | float) -> torch.Tensor | float:
 def cond_value(mask_ratio: torch.Tensor) -> torch.Tensor:
     """THE map from the fraction of masked tokens (B,) in [0, 1] to the model's `timestep` (B,).
 
-    Used by training (`mask_tokens`' actual ratio) and by the sampler (ratio still masked).
-    The value is the ratio itself; the model's conditioning embedding scales it by 1000, the
-    range the released weights were trained with (`MeissonicTransformer.conditioning`)."""
+    Used by training (`mask_tokens`' actual ratio) and by the sampler (ratio still masked) of
+    runs trained here (convention "tessera"). The value is the ratio itself; the model's
+    conditioning embedding multiplies it by 1000, so its sinusoid sees [0, 1000]. The released
+    weights were trained on other values (1000 x ratio before that x1000, see train/convention.py)."""
     return mask_ratio.float()
 
 

@@ -4,8 +4,10 @@ Architecture (Flux-style, as released with Meissonic): VQ code ids -> token embe
 [optional 2x2 down-compression] -> ``dual_blocks`` dual-stream blocks (image and text streams
 with their own weights, one joint attention) -> ``single_blocks`` single-stream blocks over the
 concatenated sequence -> [optional 2x2 up-compression] -> per-position logits over the codebook.
-Conditioning: one vector per sample (``temb``) = embed(mask-ratio condition) + embed(pooled text
-+ sinusoidal micro-conditions), fed to every block through AdaLN-Zero. Attention uses QK-RMSNorm
+Conditioning: one vector per sample (``temb``) = embed(1000 x the mask-ratio condition) +
+embed(pooled text + sinusoidal micro-conditions), fed to every block through AdaLN-Zero; what the
+condition value is (this project's mask ratio, or the release's own inputs) is the run's
+convention, ``train/convention.py``. Attention uses QK-RMSNorm
 and 3-axis RoPE (see ``train/rope.py``).
 
 Module and parameter names follow the released checkpoint exactly (diffusers naming), so
@@ -26,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from train.rope import apply_rope, rope_cos_sin, rope_ids
 
 __all__ = ["ModelConfig", "MODELS", "MeissonicTransformer", "build_model", "rope_ids",
-           "load_without_compression", "compression_keys", "count_params"]
+           "load_without_compression", "compression_keys", "count_params", "compile_blocks"]
 
 
 @dataclass(frozen=True)
@@ -444,14 +446,16 @@ class MeissonicTransformer(nn.Module):
                      ) -> torch.Tensor:
         """temb (B, D) from pooled text (B, P), micro-conditions (B, 5) and the condition value (B,).
 
-        The condition value (the mask ratio's, from the trainer's one mapping function) is scaled
-        by 1000 here, as the released checkpoint was trained with.
+        The condition value is multiplied by 1000 here, in the dtype it arrives in, as the released
+        transformer does (``timestep.to(hidden_states.dtype) * 1000``): what the value means is the
+        caller's convention (``train/convention.py``: this project feeds the mask ratio, so the
+        sinusoid sees 1000·r; the released weights were trained on 1000·r here, i.e. r·10^6).
         """
         b = pooled.shape[0]
         micro = sinusoidal_embedding(micro_conds.reshape(-1), self.cfg.micro_cond_embed_dim)  # (B*5, E)
         micro = micro.reshape(b, self.cfg.micro_cond_dim * self.cfg.micro_cond_embed_dim)
         cond = self.cond_embed(torch.cat([pooled.float(), micro], dim=1).to(pooled.dtype))  # (B, D)
-        return self.time_text_embed(timestep.float() * 1000.0, cond)
+        return self.time_text_embed((timestep * 1000.0).float(), cond)
 
     def forward(self, codes: torch.Tensor, text_hidden: torch.Tensor, pooled: torch.Tensor,
                 micro_conds: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -511,6 +515,29 @@ class MeissonicTransformer(nn.Module):
 def build_model(cfg: ModelConfig) -> MeissonicTransformer:
     """A freshly initialised model (use ``torch.device('meta')`` as a context to build it without memory)."""
     return MeissonicTransformer(cfg)
+
+
+def compile_blocks(model: MeissonicTransformer, backend: str = "inductor") -> MeissonicTransformer:
+    """``torch.compile`` every block, the token embedding and the logits head in place
+    ("regional" compilation, as torchtitan's ``apply_compile``), each with ``fullgraph=True`` so a
+    graph break is an error. Returns the same model; state-dict names do not change (the modules'
+    ``forward`` methods are compiled, the modules are not wrapped).
+
+    Why these regions rather than the whole model or the DDP wrapper:
+    - DDP/FSDP2 is applied afterwards and stays the outermost module, so ``no_sync`` /
+      ``set_requires_gradient_sync`` act on it, and FSDP2's hooks run outside compiled code;
+    - each block's backward is its own autograd node, so DDP all-reduces one block's gradients
+      while the earlier blocks still run backward (a whole-model graph hands every gradient over at
+      its end; ``torch.compile(DDP)`` splits graphs with DDPOptimizer, which refuses activation
+      checkpointing's higher-order op, the error upstream Meissonic's transformer.py notes);
+    - one compilation per block class serves all 42 blocks.
+    What stays eager is small per-token work: two RMSNorms around the blocks, the RoPE tables and
+    the per-sample conditioning.
+    """
+    regions = (*model.transformer_blocks, *model.single_transformer_blocks, model.embed, model.mlm_layer)
+    for module in regions:
+        module.forward = torch.compile(module.forward, backend=backend, fullgraph=True)
+    return model
 
 
 def count_params(model: nn.Module) -> int:

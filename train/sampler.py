@@ -4,8 +4,9 @@ Start fully masked; at step i of S: predict every position, sample a code for ea
 score it by its log-probability plus Gumbel noise of temperature T_i = T0 * (1 - (i+1)/S)
 (annealed from T0 = 2 to 0), keep the most confident and re-mask the rest so that
 floor(L * cos(pi/2 * (i+1)/S)) positions stay masked (the training schedule, `mask_rate`).
-The model's condition input is `masking.cond_value` of the fraction still masked: the same
-function the trainer uses.
+The model's condition input comes from the run's convention (`train/convention.py`): for runs
+trained here `masking.cond_value` of the fraction still masked, the function the trainer uses;
+for the released weights the step index counting down, as upstream's pipeline feeds it.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import torch
 from PIL import Image
 
 from core import atomic
-from train.masking import cond_value, mask_rate
+from train.convention import CONVENTIONS, Convention
+from train.masking import mask_rate
 
-DEFAULT_SCORE = 6.0  # aesthetic micro-condition at inference (Meissonic's default)
+DEFAULT_SCORE = 6.0  # aesthetic micro-condition of upstream's pipeline (`micro_conditioning_aesthetic_score`)
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": None}  # a checkpoint's recorded precision -> autocast dtype
 
 
 def remask_count(num_tokens: int, step: int, steps: int, masked_now: torch.Tensor) -> torch.Tensor:
@@ -61,8 +64,10 @@ def guided_logits(model, codes, hidden, pooled, neg_hidden, neg_pooled, micro, t
 @torch.no_grad()
 def maskgit(model, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch.Tensor,
             neg_pooled: torch.Tensor, micro_conds: torch.Tensor, grid: tuple[int, int], steps: int = 48,
-            cfg: float = 9.0, seed: int = 0, temperature: float = 2.0) -> torch.Tensor:
-    """Generate (B, h, w) codes. hidden (B, T, D), pooled (B, P); negatives broadcast from (1, ...)."""
+            cfg: float = 9.0, seed: int = 0, temperature: float = 2.0,
+            convention: Convention = CONVENTIONS["tessera"], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Generate (B, h, w) codes. hidden (B, T, D), pooled (B, P); negatives broadcast from (1, ...).
+    dtype: the forward's compute dtype, in which the released convention hands over its timestep."""
     mcfg = model.cfg
     b, (h, w), device = hidden.shape[0], grid, hidden.device
     length, mask_id = h * w, mcfg.mask_token_id
@@ -71,7 +76,7 @@ def maskgit(model, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch
     codes = torch.full((b, length), mask_id, dtype=torch.long, device=device)
     for i in range(steps):
         masked = codes == mask_id  # (B, L)
-        timestep = cond_value(masked.float().mean(1))
+        timestep = convention.sample_timestep(i, steps, masked.float().mean(1), dtype)
         logits = guided_logits(model, codes.view(b, h, w), hidden, pooled, neg_hidden, neg_pooled,
                                micro_conds, timestep, cfg)  # (B, L, K)
         logp = torch.log_softmax(logits, dim=-1)
@@ -84,23 +89,29 @@ def maskgit(model, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch
     return codes.view(b, h, w)
 
 
-def sample_micro_conds(n: int, resolution: int, score: float = DEFAULT_SCORE) -> torch.Tensor:
-    """(n, 5) [orig_w, orig_h, crop_top, crop_left, score] for an uncropped square image."""
-    return torch.tensor([[resolution, resolution, 0, 0, score]], dtype=torch.float32).repeat(n, 1)
+def square_micro_conds(resolution: int, score: float = DEFAULT_SCORE) -> list[float]:
+    """[orig_w, orig_h, crop_top, crop_left, score] of an uncropped square image: what upstream's
+    pipeline feeds (width, height, crop (0, 0), aesthetic 6), so the released weights' default."""
+    return [float(resolution), float(resolution), 0.0, 0.0, float(score)]
 
 
 @torch.no_grad()
-def generate(model, text_encoder, prompts: list[str], grid: tuple[int, int], resolution: int,
-             steps: int = 48, cfg: float = 9.0, negative_prompt: str = "", seed: int = 0) -> torch.Tensor:
-    """Prompts -> (N, h, w) codes; the negative prompt "" means the empty-prompt encoding."""
+def generate(model, text_encoder, prompts: list[str], grid: tuple[int, int], micro_conds: list[float],
+             steps: int = 48, cfg: float = 9.0, negative_prompt: str = "", seed: int = 0,
+             convention: Convention = CONVENTIONS["tessera"], autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Prompts -> (N, h, w) codes; the negative prompt "" means the empty-prompt encoding.
+
+    micro_conds: the 5 micro-conditions every image gets (a run records its data's typical ones);
+    convention: the model's timestep inputs; autocast: the model's compute dtype (None = fp32).
+    The text encoder brings its own padding and precision (``TextEncoder.configure``)."""
     device = next(model.parameters()).device
     hidden, pooled = text_encoder.encode(prompts)
     neg = text_encoder.empty() if not negative_prompt else text_encoder.encode([negative_prompt])
-    micro = sample_micro_conds(len(prompts), resolution).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
+    micro = torch.tensor([micro_conds], dtype=torch.float32, device=device).repeat(len(prompts), 1)  # (N, 5)
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         return maskgit(model, hidden.to(device), pooled.to(device), neg[0].to(device), neg[1].to(device),
-                       micro, grid, steps=steps, cfg=cfg, seed=seed)
+                       micro, grid, steps=steps, cfg=cfg, seed=seed, convention=convention,
+                       dtype=autocast or torch.float32)
 
 
 def codes_to_colors(codes: torch.Tensor, codebook_size: int, scale: int = 8) -> torch.Tensor:
@@ -135,22 +146,34 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 
 def load_for_sampling(ckpt: str | Path, ema: bool = False, device: str | torch.device = "cpu"):
-    """(model, text encoder, meta) rebuilt from a checkpoint folder (or a run folder's latest)."""
+    """(model, text encoder, meta) rebuilt from a checkpoint folder, a run folder's latest, or a
+    Meissonic release folder (`train/release.py`), each with its own sampling conventions: meta's
+    `convention`, `precision` and `sample_micro_conds`, the encoder configured to match."""
     import dataclasses
 
-    from train import checkpoint
+    from train import checkpoint, release
     from train.model import ModelConfig, build_model
-    from train.text_encoder import TextEncoder
+    from train.text_encoder import TextConfig, TextEncoder
 
+    if release.is_release(ckpt):
+        return release.load_release(ckpt, device=device)
     folder = checkpoint.resolve(ckpt)
-    meta = checkpoint.load_meta(folder)
+    meta = with_sampling_defaults(checkpoint.load_meta(folder))
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items() if k in fields}
     model = build_model(ModelConfig(**model_args))
     model.load_state_dict(checkpoint.load_weights(folder, ema=ema), strict=True)
-    text = meta["text"]
-    encoder = TextEncoder.tiny(text["tiny_seed"]) if text["tiny"] else TextEncoder.from_checkpoint(text["checkpoint"])
+    encoder = TextEncoder.from_config(TextConfig(**meta["text"]))
+    encoder.configure(CONVENTIONS[meta["convention"]].pad_token_id, PRECISION_DTYPES[meta["precision"]])
     return model.to(device).eval(), encoder.to(device), dict(meta, checkpoint=str(folder))
+
+
+def with_sampling_defaults(meta: dict) -> dict:
+    """A checkpoint's meta with the sampling keys filled for checkpoints written before they were
+    recorded: those runs all used this project's convention and sampled in fp32 with the square,
+    uncropped micro-conditions."""
+    return {"convention": "tessera", "precision": "fp32",
+            "sample_micro_conds": square_micro_conds(meta["resolution"]), **meta}
 
 
 def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps: int = 48, cfg: float = 9.0,
@@ -165,7 +188,8 @@ def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps:
 
         vq = load_vq(vq_path or meta["vq"], device=device)
     batch = [p for p in prompts for _ in range(n)]
-    codes = generate(model, encoder, batch, tuple(meta["grid"]), meta["resolution"], steps=steps, cfg=cfg,
-                     negative_prompt=negative_prompt, seed=seed)
+    codes = generate(model, encoder, batch, tuple(meta["grid"]), meta["sample_micro_conds"], steps=steps, cfg=cfg,
+                     negative_prompt=negative_prompt, seed=seed, convention=CONVENTIONS[meta["convention"]],
+                     autocast=PRECISION_DTYPES[meta["precision"]])
     images = decode_vq(vq, codes) if vq is not None else codes_to_colors(codes, model.cfg.codebook_size)
     return save_grid(images, out, nrow=n)

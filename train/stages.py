@@ -13,8 +13,10 @@ from core.config import ConfigError, load_yaml, merge, section
 from train.data import DataConfig
 from train.ema import EMAConfig
 from train.optim import OptimConfig
+from train.text_encoder import TextConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")  # auto = bf16 autocast on CUDA, fp32 on CPU
+CONVENTION_CHOICES = ("auto", "tessera", "meissonic")
 DECODES = ("auto", "vq", "codes")  # how sample grids become pixels
 
 DEFAULT_PROMPTS = [
@@ -23,20 +25,6 @@ DEFAULT_PROMPTS = [
     "a bowl of ramen, studio lighting",
     "an astronaut riding a horse on the moon",
 ]
-
-
-@dataclass
-class TextConfig:
-    checkpoint: str | None = None  # open_clip ViT-H-14 checkpoint (local path); required unless tiny
-    tiny: bool = False  # use the tiny seeded text encoder (debug stage: no checkpoint needed)
-    tiny_seed: int = 0  # seed of the tiny text encoder; fixed so a resumed run encodes identically
-
-    def __post_init__(self) -> None:
-        if not self.tiny and not self.checkpoint:
-            raise ValueError(
-                "text.checkpoint is required (a local open_clip ViT-H-14 checkpoint); "
-                "set it in pipelines.yaml or with --set text.checkpoint=PATH"
-            )
 
 
 @dataclass
@@ -71,10 +59,13 @@ class StageConfig:
     init_ema: bool = False  # initialise from the previous stage's EMA weights instead
     cfg_dropout: float = 0.1  # per-sample probability of training on the empty prompt
     precision: str = "auto"  # auto | bf16 | fp32 (autocast dtype of forward/backward)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block, embedding and head (train.model.compile_blocks)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces the same graphs without codegen (tests)
     grad_ckpt: bool = False  # activation checkpointing per transformer block
     fsdp: bool = False  # shard parameters/optimizer with FSDP2 instead of DDP (many GPUs)
-    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuBLAS workspace
+    deterministic: bool = False  # bit-identical resume on CUDA too (trainer.set_determinism); slower
+    convention: str = "auto"  # model inputs: tessera | meissonic (the release's) | auto = from the weights
+                              # the run starts from (train/convention.py); recorded in every checkpoint
     seed: int = 0  # seeds model init, data order, masking and CFG-dropout noise
     threads: int | None = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
     log_every: int = 10  # steps between metrics records
@@ -99,6 +90,8 @@ class StageConfig:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
         if self.ema.enabled and self.fsdp:
             raise ValueError("ema with fsdp is not supported (the EMA copy would need sharding); use DDP or turn EMA off")
+        if self.convention not in CONVENTION_CHOICES:
+            raise ValueError(f"convention must be one of {CONVENTION_CHOICES}, got {self.convention!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ckpt_every % self.log_every:
@@ -133,17 +126,37 @@ def load_stage(
 VQ_DOWNSAMPLE = 16  # the Meissonic/aMUSEd VQ-GAN is f16: a 256 px image is a 16x16 code grid
 
 
-def plan_stage(cfg: StageConfig, gpus: int, gpu: str, mfu: float) -> dict[str, Any]:
-    """GPU-days of a stage from its model's FLOPs per token (see train/flops.py)."""
+def _planned_model(cfg: StageConfig):
+    """(ModelConfig, code grid) of a stage with a fixed resolution."""
     import dataclasses
 
-    from train.flops import plan
     from train.model import MODELS
 
     if cfg.resolution is None:
         raise ConfigError("plan needs a stage with a fixed resolution (the debug stage takes any shards)")
     if cfg.model not in MODELS:
         raise ConfigError(f"model: unknown preset {cfg.model!r} (known: {', '.join(sorted(MODELS))})")
-    model_cfg = dataclasses.replace(MODELS[cfg.model], downsample=cfg.downsample)
     side = cfg.resolution // VQ_DOWNSAMPLE
-    return plan(model_cfg, (side, side), cfg.steps, cfg.batch_size, gpus, gpu=gpu, mfu=mfu)
+    return dataclasses.replace(MODELS[cfg.model], downsample=cfg.downsample), (side, side)
+
+
+def plan_stage(cfg: StageConfig, gpus: int, gpu: str, mfu: float) -> dict[str, Any]:
+    """GPU-days of a stage from its model's FLOPs per token (see train/flops.py)."""
+    from train.flops import plan
+
+    model_cfg, grid = _planned_model(cfg)
+    return plan(model_cfg, grid, cfg.steps, cfg.batch_size, gpus, gpu=gpu, mfu=mfu)
+
+
+def plan_measured(cfg: StageConfig, measured: dict[str, Any], gpu: str, gpus: int) -> dict[str, Any]:
+    """GPU-days of a stage from one GPU's measured optimizer step (bench/gpu_stages.py writes
+    {"step_s", "micro_batch", "accum", "resolution", ...} per stage), at the stage's own steps
+    and global batch from pipelines.yaml."""
+    from train.flops import measured_plan
+
+    model_cfg, grid = _planned_model(cfg)
+    if measured.get("resolution") != cfg.resolution:
+        raise ConfigError(f"measured at {measured.get('resolution')} px, but the stage trains at {cfg.resolution} px")
+    out = measured_plan(model_cfg, grid, cfg.steps, cfg.batch_size, float(measured["step_s"]),
+                        int(measured["micro_batch"]) * int(measured["accum"]), gpu, gpus)
+    return dict(out, measured_micro_batch=measured["micro_batch"], stage_micro_batch=cfg.micro_batch_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -19,7 +20,9 @@ from open_clip.model import _build_text_tower
 from torch import nn
 
 from core.config import ConfigError
+from train.convention import OPEN_CLIP_PAD_ID, pad_after_eot
 
+REAL_MODEL_NAME = "ViT-H-14"  # Meissonic's text tower (open_clip config name)
 TINY_NAME = "tessera-tiny-text"
 # Tiny same-architecture config: real CLIP BPE vocabulary and 77 tokens, 64 wide, 3 layers.
 # vision_cfg is only there because open_clip's registry requires one; it is never built.
@@ -34,6 +37,25 @@ HF_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.
                   "self_attn.out_proj": "attn.out_proj"}
 
 
+@dataclass
+class TextConfig:
+    checkpoint: str | None = None  # open_clip ViT-H-14 checkpoint (local path); required unless tiny or random,
+                                   # which take precedence (a --set cannot clear a key to null)
+    tiny: bool = False  # use the tiny seeded text encoder (debug stage: no checkpoint needed)
+    tiny_seed: int = 0  # seed of the tiny (or random) text encoder; fixed so a resumed run encodes identically
+    random: bool = False  # the real ViT-H-14 text tower with seeded random weights: throughput runs only
+                          # (bench/gpu_stages.py), the captions then mean nothing
+
+    def __post_init__(self) -> None:
+        if self.tiny and self.random:
+            raise ValueError("text.tiny and text.random exclude each other")
+        if not (self.tiny or self.random or self.checkpoint):
+            raise ValueError(
+                "text.checkpoint is required (a local open_clip ViT-H-14 checkpoint); "
+                "set it in pipelines.yaml or with --set text.checkpoint=PATH"
+            )
+
+
 def register_tiny_config() -> str:
     """Register the tiny config with open_clip (idempotent) and return its name."""
     if open_clip.get_model_config(TINY_NAME) is None:
@@ -41,6 +63,30 @@ def register_tiny_config() -> str:
         (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CONFIG))
         open_clip.add_model_config(folder / f"{TINY_NAME}.json")
     return TINY_NAME
+
+
+def register_hf_text_config(hf: dict) -> str:
+    """Register an open_clip config equal to a Hugging Face ``CLIPTextConfig`` (the ``config.json``
+    of a ``CLIPTextModelWithProjection`` folder, e.g. a release's ``text_encoder/``) and return its
+    name, so the architecture comes from the release rather than from an assumed model name."""
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "projection_dim", "vocab_size", "max_position_embeddings")
+    missing = [k for k in keys if k not in hf]
+    if missing:
+        raise ValueError(f"text encoder config.json lacks {missing}: not a CLIPTextConfig")
+    if hf["intermediate_size"] % hf["hidden_size"]:
+        raise ValueError("text encoder: intermediate_size must be a multiple of hidden_size")
+    name = "tessera-hf-text-" + "-".join(str(hf[k]) for k in keys) + f"-{hf.get('hidden_act', 'gelu')}"
+    if open_clip.get_model_config(name) is None:
+        text_cfg = {"context_length": hf["max_position_embeddings"], "vocab_size": hf["vocab_size"],
+                    "width": hf["hidden_size"], "heads": hf["num_attention_heads"],
+                    "layers": hf["num_hidden_layers"], "mlp_ratio": hf["intermediate_size"] // hf["hidden_size"]}
+        cfg = {"embed_dim": hf["projection_dim"], "quick_gelu": hf.get("hidden_act") == "quick_gelu",
+               "vision_cfg": TINY_CONFIG["vision_cfg"], "text_cfg": text_cfg}
+        folder = Path(tempfile.mkdtemp(prefix="tessera-openclip-"))
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder / f"{name}.json")
+    return name
 
 
 def build_text_tower(model_name: str) -> nn.Module:
@@ -108,17 +154,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 class TextEncoder(nn.Module):
-    """Frozen text tower; ``encode(prompts)`` -> (hidden (B, 77, D), pooled (B, P)), float32."""
+    """Frozen text tower; ``encode(prompts)`` -> (hidden (B, 77, D), pooled (B, P)), float32.
+
+    Two settings belong to the run, not the weights (``configure``): the pad id written after
+    <|endoftext|> (open_clip's 0, or the released model's 49407) and the precision the tower runs
+    in (None = fp32, else an autocast dtype). Every prompt, the empty one included, is encoded
+    with the same settings, in training and in sampling.
+    """
 
     def __init__(self, tower: nn.Module, model_name: str) -> None:
         super().__init__()
         self.model_name = model_name
         self.tower = tower.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.pad_token_id = OPEN_CLIP_PAD_ID
+        self.autocast: torch.dtype | None = None
         self._empty: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def configure(self, pad_token_id: int, autocast: torch.dtype | None) -> "TextEncoder":
+        """Set the run's text padding and precision (clears the cached empty-prompt encoding)."""
+        self.pad_token_id, self.autocast = pad_token_id, autocast
+        self._empty.clear()
+        return self
+
     @classmethod
-    def from_checkpoint(cls, path: str | Path, model_name: str = "ViT-H-14",
+    def from_checkpoint(cls, path: str | Path, model_name: str = REAL_MODEL_NAME,
                         device: torch.device | str = "cpu") -> "TextEncoder":
         """Load the text tower of a local checkpoint (.bin/.pt/.safetensors, or a folder): open_clip's
         whole-CLIP format, or Hugging Face's CLIPTextModel(WithProjection) of the same architecture."""
@@ -134,14 +194,28 @@ class TextEncoder(nn.Module):
         return cls(tower, model_name).to(device)
 
     @classmethod
+    def from_config(cls, cfg: TextConfig, device: torch.device | str = "cpu") -> "TextEncoder":
+        """The encoder a stage's (or a checkpoint's recorded) text settings describe."""
+        if cfg.tiny:
+            return cls.tiny(cfg.tiny_seed).to(device)
+        if cfg.random:
+            return cls.seeded(REAL_MODEL_NAME, cfg.tiny_seed).to(device)
+        return cls.from_checkpoint(cfg.checkpoint, device=device)
+
+    @classmethod
     def tiny(cls, seed: int = 0) -> "TextEncoder":
-        """The tiny registered config with weights drawn from ``seed``: identical on every call,
-        without touching the caller's random state (a resumed run rebuilds the same encoder)."""
-        name = register_tiny_config()
+        """The tiny registered config with weights drawn from ``seed`` (see ``seeded``)."""
+        return cls.seeded(register_tiny_config(), seed)
+
+    @classmethod
+    def seeded(cls, model_name: str, seed: int = 0) -> "TextEncoder":
+        """Random weights of ``model_name``'s text tower drawn from ``seed``: identical on every
+        call, without touching the caller's random state (a resumed run rebuilds the same encoder).
+        The real architecture with meaningless weights is for throughput runs (``text.random``)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            tower = build_text_tower(name)
-        return cls(tower, name)
+            tower = build_text_tower(model_name)
+        return cls(tower, model_name)
 
     @property
     def hidden_dim(self) -> int:
@@ -159,15 +233,23 @@ class TextEncoder(nn.Module):
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(False)  # frozen: always in eval mode
 
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77) token ids: [SOT] text [EOT], truncated to 77, then this run's pad id."""
+        return pad_after_eot(self.tokenizer(list(prompts)), self.pad_token_id)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penultimate-layer hidden states (B, 77, D) and pooled projection (B, P) for each prompt."""
+        """Penultimate-layer hidden states (B, 77, D) and pooled projection (B, P) for each prompt.
+
+        The pooled feature is taken at the first <|endoftext|> (open_clip's argmax of the ids),
+        so it does not depend on the pad id; the hidden states after it do."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("encode takes a non-empty list of prompts")
         device = self.tower.token_embedding.weight.device
-        tokens = self.tokenizer(list(prompts)).to(device)  # (B, 77) ids, truncated/padded
+        tokens = self.tokenize(prompts).to(device)
         penultimate = len(self.tower.transformer.resblocks) - 2
-        out = self.tower.forward_intermediates(tokens, indices=[penultimate], output_fmt="NLC")
+        with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.tower.forward_intermediates(tokens, indices=[penultimate], output_fmt="NLC")
         return out["text_intermediates"][0].float(), out["text_features"].float()
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The training loop. Build everything, then: batch -> step -> log -> checkpoint -> sample.
 
 Run folder (RUN = --run-dir, default runs/<stage>):
-    RUN/checkpoints/step_NNNNNNNN/   weights + state (see train/checkpoint.py); resumed automatically
+    RUN/checkpoints/step_NNNNNNNN/   weights + state + meta (see train/checkpoint.py); resumed automatically
     RUN/samples/step_NNNNNNNN.png    sample grids of the fixed prompts
     RUN/metrics.jsonl, RUN/tb/, RUN/loss.png
     RUN/_config.yaml                 resolved stage config; a different config is refused
@@ -23,12 +23,14 @@ from core.codeshard import Manifest
 from core.config import ConfigError, to_dict
 from core.progress import make_progress
 from core.rundir import RunDir
-from train import checkpoint, distributed
-from train.data import Batch, CodeLoader, check_manifest, open_dataset
+from train import checkpoint, distributed, release
+from train.convention import CONVENTIONS, Convention
+from train.data import Batch, CodeLoader, check_manifest, open_dataset, typical_micro_conds
 from train.ema import EMA
-from train.masking import apply_cfg_dropout, cfg_drop_mask, cond_value, mask_ratio, mask_tokens, masked_ce, sample_t
+from train.kernels import sdpa_choice
+from train.masking import apply_cfg_dropout, cfg_drop_mask, mask_rate, mask_ratio, mask_tokens, masked_ce, sample_t
 from train.metrics import MetricsLog, mfu, throughput
-from train.model import MODELS, ModelConfig, build_model, load_without_compression
+from train.model import MODELS, ModelConfig, build_model, compile_blocks, load_without_compression
 from train.optim import build_optimizer, build_scheduler
 from train.sampler import codes_to_colors, decode_vq, generate, save_grid
 from train.stages import StageConfig
@@ -43,6 +45,7 @@ class StepInputs:
     hidden: torch.Tensor  # (B, 77, text_dim) float
     pooled: torch.Tensor  # (B, pooled_dim) float
     micro_conds: torch.Tensor  # (B, 5) float
+    long: int  # how many of the B captions are long captions
 
 
 def model_config(cfg: StageConfig, manifest: Manifest, data_path: str) -> ModelConfig:
@@ -57,11 +60,9 @@ def model_config(cfg: StageConfig, manifest: Manifest, data_path: str) -> ModelC
 
 
 def build_text_encoder(cfg: StageConfig, device: torch.device) -> TextEncoder:
-    if cfg.text.tiny:
-        return TextEncoder.tiny(cfg.text.tiny_seed).to(device)
-    if not Path(cfg.text.checkpoint).exists():
+    if not (cfg.text.tiny or cfg.text.random) and not Path(cfg.text.checkpoint).exists():
         raise ConfigError(f"text.checkpoint {cfg.text.checkpoint}: not found (a local open_clip ViT-H-14 checkpoint)")
-    return TextEncoder.from_checkpoint(cfg.text.checkpoint, device=device)
+    return TextEncoder.from_config(cfg.text, device)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -82,12 +83,26 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def set_determinism(cfg: StageConfig) -> None:
+    """CPU threads, and with `deterministic: true` every switch that makes a CUDA run repeat
+    itself bit for bit (see docs/train.md "Resume exactness"): cuBLAS's fixed workspace (read
+    when cuBLAS starts, so before the first matmul), deterministic kernels or an error where
+    none exists, cuDNN without benchmarking, SDPA limited to FlashAttention (its backward then
+    runs the deterministic variant; cuDNN attention has none) and the math fallback, and
+    Inductor's deterministic mode (no autotuning by timing, which can pick other kernels)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    if not cfg.deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "deterministic"):  # older torch has no such switch (nor the autotuning it stops)
+        inductor_config.deterministic = True  # recent torch also sets it through use_deterministic_algorithms
 
 
 class Trainer:
@@ -101,18 +116,23 @@ class Trainer:
         self.grid = tuple(self.manifest.grid)
         self.config_hash = self._open_run_dir()
 
-        self.text = build_text_encoder(cfg, self.device)
+        self.resume_from = checkpoint.latest(run_dir)
+        self.convention = self._resolve_convention()
+        self.autocast = autocast_dtype(cfg.precision, self.device)
+        self.text = build_text_encoder(cfg, self.device).configure(self.convention.pad_token_id, self.autocast)
         self._check_text_dims()
-        self.empty = self.text.empty()  # ((1, 77, D), (1, P)) on the device
+        self.empty = self.text.empty()  # ((1, 77, D), (1, P)) on the device, same padding and precision
+        self.sample_micro = typical_micro_conds(self.dataset, cfg.data.default_score)
 
         torch.manual_seed(cfg.seed)  # model init
         self.raw = build_model(self.model_cfg)
-        self.resume_from = checkpoint.latest(run_dir)
         if cfg.init_from and self.resume_from is None:
             self._init_from(cfg.init_from)
         self.raw.to(self.device)
         self.raw.gradient_checkpointing = cfg.grad_ckpt
-        self.model = distributed.wrap(self.raw, dist, cfg.fsdp)
+        if cfg.compile:  # the blocks inside, before DDP/FSDP2 wraps the model (see compile_blocks)
+            compile_blocks(self.raw, cfg.compile_backend)
+        self.model = distributed.wrap(self.raw, dist, cfg.fsdp, cfg.deterministic)
 
         micro = distributed.micro_batch(cfg.batch_size, dist.world, cfg.micro_batch_size)
         self.accum = distributed.accum_steps(cfg.batch_size, dist.world, micro)
@@ -123,12 +143,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.ema = EMA(self.raw, cfg.ema) if cfg.ema.enabled else None
-        self.autocast = autocast_dtype(cfg.precision, self.device)
         self.step = 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
-        if cfg.compile:
-            self.model = torch.compile(self.model)
         self.metrics = MetricsLog(run_dir, dist.is_main, self.step, cfg.tensorboard)
         self.vq = self._build_decoder()
         self.flops_per_token = _flops_per_token(self.model_cfg, self.grid, self.empty[0].shape[1])
@@ -138,6 +155,9 @@ class Trainer:
         cfg = self.cfg
         self._say(f"{self.stage}: steps {self.step}->{cfg.steps}, global batch {cfg.batch_size} = "
                   f"{self.dist.world} rank(s) x {self.loader.batch_size} x {self.accum} accumulation, grid {self.grid}")
+        self._say(f"convention {self.convention.name}, precision {self._precision()}, attention "
+                  f"{self._attention_kernel()}, long captions p={cfg.data.long_caption_prob}, "
+                  f"sample micro-conditions {self.sample_micro} (data medians)")
         window = _Window()
         with make_progress() as progress:
             bar = progress.add_task(f"train {self.stage}", total=cfg.steps, completed=self.step,
@@ -146,7 +166,8 @@ class Trainer:
                 inputs = [self.prepare(self.loader.next_batch()) for _ in range(self.accum)]
                 stats = self.train_step(inputs, self.step)
                 self.step += 1
-                window.add(stats, cfg.batch_size, cfg.batch_size * self.grid[0] * self.grid[1])
+                window.add(stats, cfg.batch_size, cfg.batch_size * self.grid[0] * self.grid[1],
+                           long=sum(inp.long for inp in inputs), local=len(inputs) * self.loader.batch_size)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
                     self.log(window)
@@ -160,14 +181,13 @@ class Trainer:
         return {"step": self.step, "run_dir": str(self.run_dir), "checkpoint": str(checkpoint.latest(self.run_dir))}
 
     def prepare(self, batch: Batch) -> StepInputs:
-        """Move a batch to the device and encode its captions with the frozen text encoder."""
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            hidden, pooled = self.text.encode(batch.captions)
+        """Move a batch to the device and encode its captions with the frozen text encoder (in the
+        run's precision and padding, like the empty prompt and the sample grid's prompts)."""
+        hidden, pooled = self.text.encode(batch.captions)
         pin = self.device.type == "cuda"  # pinned host memory makes the copies truly asynchronous
         return StepInputs(
-            codes=_to(batch.codes, self.device, pin),
-            hidden=hidden.float(), pooled=pooled.float(),
-            micro_conds=_to(batch.micro_conds, self.device, pin),
+            codes=_to(batch.codes, self.device, pin), hidden=hidden, pooled=pooled,
+            micro_conds=_to(batch.micro_conds, self.device, pin), long=int(batch.long.sum()),
         )
 
     def train_step(self, inputs: list[StepInputs], step: int) -> dict[str, torch.Tensor | float]:
@@ -195,7 +215,7 @@ class Trainer:
         masked, mask = mask_tokens(inp.codes, t, self.model_cfg.mask_token_id, gen)
         drop = cfg_drop_mask(b, self.cfg.cfg_dropout, gen)
         hidden, pooled = apply_cfg_dropout(inp.hidden, inp.pooled, *self.empty, drop)
-        timestep = cond_value(mask_ratio(mask))
+        timestep = self.convention.train_timestep(mask_ratio(mask), mask_rate(t), self.autocast or torch.float32)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             logits = self.model(masked, hidden, pooled, inp.micro_conds, timestep)  # (B, L, K)
         return masked_ce(logits, inp.codes, mask)
@@ -203,7 +223,7 @@ class Trainer:
     def log(self, window: "_Window") -> None:
         record = window.flush(self.device)
         record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, _peak_flops(self.device, self.dist.world))
-        record.update(step=self.step, epoch=self.loader.epoch)
+        record.update(step=self.step, epoch=self.loader.epoch, long_caption_prob=self.cfg.data.long_caption_prob)
         self.metrics.log(record)
 
     def save(self) -> None:
@@ -224,11 +244,15 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        """Codes for the fixed prompts with the current weights, decoded to RUN/samples/step_N.png."""
+        """Codes for the fixed prompts with the current weights, decoded to RUN/samples/step_N.png.
+        Run eagerly: a grid every ~1000 steps would otherwise compile inference graphs of its own
+        batch size (tens of seconds per block class) to save a fraction of that."""
         s = self.cfg.sample
         self.raw.eval()
-        codes = generate(self.raw, self.text, s.prompts, self.grid, self.manifest.resolution,
-                         steps=s.steps, cfg=s.cfg, negative_prompt=s.negative_prompt, seed=s.seed)
+        with torch.compiler.set_stance("force_eager"):
+            codes = generate(self.raw, self.text, s.prompts, self.grid, self.sample_micro, steps=s.steps, cfg=s.cfg,
+                             negative_prompt=s.negative_prompt, seed=s.seed, convention=self.convention,
+                             autocast=self.autocast)
         self.raw.train()
         if not self.dist.is_main:
             return None
@@ -255,16 +279,41 @@ class Trainer:
             raise ConfigError(f"text encoder gives hidden/pooled widths {have}, model {self.cfg.model!r} expects {want}")
 
     def _init_from(self, source: str) -> None:
-        """Start from the previous stage's final weights; stage3 keeps its new compression layers."""
-        ckpt = checkpoint.resolve(source)
-        weights = checkpoint.load_weights(ckpt, ema=self.cfg.init_ema)
-        adds_compression = self.model_cfg.downsample and not any(k.startswith("down_block.") for k in weights)
-        if adds_compression:
+        """Start from the previous stage's final weights (or a Meissonic release folder: fine-tuning
+        it); stage3 keeps its new compression layers."""
+        if release.is_release(source):
+            weights, what = release.transformer_weights(source), f"the Meissonic release {source}"
+        else:
+            ckpt = checkpoint.resolve(source)
+            weights, what = checkpoint.load_weights(ckpt, ema=self.cfg.init_ema), str(ckpt)
+        has_compression = any(k.startswith("down_block.") for k in weights)
+        if has_compression and not self.model_cfg.downsample:
+            raise ConfigError(f"{what} has the 2x2 compression layers (a 1024-px model): train it with "
+                              f"downsample: true on 1024-px shards")
+        if self.model_cfg.downsample and not has_compression:
             fresh = load_without_compression(self.raw, weights)
-            self._say(f"initialised from {ckpt}; {len(fresh)} compression tensors start fresh")
+            self._say(f"initialised from {what}; {len(fresh)} compression tensors start fresh")
         else:
             self.raw.load_state_dict(weights, strict=True)
-            self._say(f"initialised from {ckpt}")
+            self._say(f"initialised from {what}")
+
+    def _resolve_convention(self) -> Convention:
+        """The run's convention: its own checkpoints' when resuming, else that of the weights it
+        starts from (a release: "meissonic"; an earlier stage: what that stage recorded), else
+        this project's. A `convention` set in the config must agree."""
+        if self.resume_from is not None:
+            found, why = checkpoint.load_meta(self.resume_from).get("convention", "tessera"), str(self.resume_from)
+        elif self.cfg.init_from and release.is_release(self.cfg.init_from):
+            found, why = "meissonic", f"the release {self.cfg.init_from}"
+        elif self.cfg.init_from:
+            ckpt = checkpoint.resolve(self.cfg.init_from)
+            found, why = checkpoint.load_meta(ckpt).get("convention", "tessera"), str(ckpt)
+        else:
+            found, why = "tessera", "weights trained from scratch"
+        if self.cfg.convention not in ("auto", found):
+            raise ConfigError(f"convention {self.cfg.convention!r} contradicts {why}, which uses {found!r}: "
+                              f"a model only works with the inputs it was trained on (set convention: auto)")
+        return CONVENTIONS[found]
 
     def _resume(self, ckpt: Path) -> None:
         state = checkpoint.load_state(ckpt)
@@ -301,7 +350,18 @@ class Trainer:
             "text": to_dict(self.cfg.text), "vq": self.cfg.sample.vq or self.manifest.tokenizer.path,
             "tokenizer_sha256": self.manifest.tokenizer.sha256, "grid": list(self.grid),
             "resolution": self.manifest.resolution, "data": self.cfg.data.path, "config_hash": self.config_hash,
+            "convention": self.convention.name, "precision": self._precision(),
+            "sample_micro_conds": self.sample_micro,
         }
+
+    def _precision(self) -> str:
+        """The compute precision of model and text encoder, as recorded for sampling."""
+        return "bf16" if self.autocast == torch.bfloat16 else "fp32"
+
+    def _attention_kernel(self) -> str:
+        """The SDPA kernel the joint attention dispatches to (FLASH_ATTENTION wanted on a GPU)."""
+        return sdpa_choice(self.model_cfg, self.grid, self.loader.batch_size, self.device,
+                           self.autocast or torch.float32, self.empty[0].shape[1])
 
     def _clip(self) -> torch.Tensor:
         clip = self.cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
@@ -321,18 +381,24 @@ class _Window:
 
     def _reset(self) -> None:
         self.loss, self.grad_norm, self.steps, self.samples, self.tokens = 0.0, 0.0, 0, 0, 0
+        self.long, self.local = 0, 0
         self.lr, self.start = 0.0, time.perf_counter()
 
-    def add(self, stats: dict[str, Any], samples: int, tokens: int) -> None:
+    def add(self, stats: dict[str, Any], samples: int, tokens: int, long: int = 0, local: int = 0) -> None:
+        """One step: its stats, global samples and tokens, and this rank's long captions of `local` samples."""
         self.loss = self.loss + stats["loss"]
         self.grad_norm = self.grad_norm + stats["grad_norm"]
         self.lr, self.steps = stats["lr"], self.steps + 1
         self.samples, self.tokens = self.samples + samples, self.tokens + tokens
+        self.long, self.local = self.long + long, self.local + local
 
     def flush(self, device: torch.device) -> dict[str, Any]:
-        """Mean loss (over steps and ranks), mean grad norm, last lr, throughput; then reset."""
+        """Mean loss (over steps and ranks), mean grad norm, last lr, share of samples trained on a
+        long caption (all ranks: every rank draws the same number), throughput; then reset."""
         loss = distributed.mean_over_ranks(float(self.loss) / self.steps, device)
-        record = {"loss": loss, "grad_norm": float(self.grad_norm) / self.steps, "lr": self.lr}
+        share = distributed.mean_over_ranks(self.long / max(self.local, 1), device)
+        record = {"loss": loss, "grad_norm": float(self.grad_norm) / self.steps, "lr": self.lr,
+                  "long_caption_share": share}
         record.update(throughput(self.samples, self.tokens, time.perf_counter() - self.start))
         self._reset()
         return record

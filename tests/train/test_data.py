@@ -49,9 +49,12 @@ def test_long_caption_probability(code_folder):
     for i, idx in zip(range(8), batch.indices):
         want = "a long description" if idx % 2 == 0 else "a photo number"
         assert batch.captions[i].startswith(want)
+        assert batch.long[i] == (idx % 2 == 0)  # rows without a long caption fall back and are not counted
     draws = np.random.default_rng(0).random(20000)
-    picked = pick_captions(["c"] * 20000, ["l"] * 20000, draws, 0.3)
-    assert abs(picked.count("l") / 20000 - 0.3) < 0.015
+    picked, long = pick_captions(["c"] * 20000, ["l"] * 20000, draws, 0.3)
+    assert abs(picked.count("l") / 20000 - 0.3) < 0.015 and long.sum() == picked.count("l")
+    picked, long = pick_captions(["c", "c", None], ["l", None, ""], np.zeros(3), 0.5)
+    assert picked == ["l", "c", ""] and long.tolist() == [True, False, False]
 
 
 def test_cursor_resume_gives_the_same_batches(code_folder):
@@ -80,3 +83,32 @@ def test_too_little_data_and_mismatch_are_refused(code_folder):
         check_manifest(manifest, "x", 256, None)
     with pytest.raises(DataMismatchError, match="16-entry codebook"):
         check_manifest(manifest, "x", 64, 8192)
+
+
+def test_typical_micro_conds_are_medians_of_the_data(code_folder):
+    from core.codeshard import CodeDataset
+    from train.data import typical_micro_conds
+
+    ds = CodeDataset(code_folder)  # 17 rows i = 0..16 (see conftest.write_code_folder)
+    ids = np.arange(17)
+    scores = [5.0 + i / 100 for i in ids if i % 3]  # every third score is null: left out
+    want = [float(np.median(100 + ids)), float(np.median(200 + ids)), float(np.median(ids % 3)),
+            float(np.median(ids % 5)), float(np.median(np.array(scores, dtype=np.float32)))]
+    assert typical_micro_conds(ds, default_score=6.0) == pytest.approx(want, rel=1e-6)
+    sub = typical_micro_conds(ds, default_score=6.0, max_rows=3)  # rows 0, 8, 16
+    assert sub[:2] == [108.0, 208.0]
+
+
+def test_typical_score_without_any_score_is_the_default(tmp_path, make_code_folder):
+    import pyarrow as pa
+
+    from core.codeshard import CodeDataset, read_manifest, write_manifest, write_shard
+    from train.data import typical_micro_conds
+
+    folder = make_code_folder(tmp_path / "c", rows_per_shard=(4,))
+    shard = CodeDataset(folder).shards[0].table
+    table = shard.set_column(shard.schema.get_field_index("aesthetic"), "aesthetic", pa.nulls(4, pa.float32()))
+    manifest = read_manifest(folder)
+    manifest.shards[0] = write_shard(folder / "00000.arrow", table)
+    write_manifest(folder, manifest)
+    assert typical_micro_conds(CodeDataset(folder), default_score=6.5)[4] == 6.5

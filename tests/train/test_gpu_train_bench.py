@@ -39,3 +39,20 @@ def test_big_preset_without_gpu_skips_cleanly(bench, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main([]) == 0
     assert capsys.readouterr().out.startswith("SKIPPED: no CUDA GPU visible")
+
+
+def test_accumulation_text_tower_and_compiled_blocks_on_cpu(bench, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(["--small", "--device", "cpu", "--warmup", "1", "--steps", "1", "--batch-size", "2",
+                           "--accum", "2", "--text-tower", "--compile", "--compile-backend", "aot_eager",
+                           "--peak-tflops", "1.0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
+    assert record["accum"] == 2 and record["text_tower"] and record["compile"]
+    assert record["images_per_s"] == pytest.approx(4 / record["step_s_median"])  # 2 micro-batches of 2
+    assert record["sdpa_choice"] == "FLASH_ATTENTION"
+    assert record["attention_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu",
+                                       "aten::_scaled_dot_product_flash_attention_for_cpu_backward"]

@@ -87,3 +87,37 @@ def test_plan_and_help():
     assert result.exit_code == 0 and "gpu_days" in result.output and "16x16" in result.output
     for cmd in ("run", "sample", "plan"):
         assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
+
+
+MEASURED = {  # fabricated but realistic: what bench/gpu_stages.py writes after one H100 call
+    "gpu": "h100", "device": "NVIDIA H100 80GB HBM3",
+    "stages": {"stage1": {"resolution": 256, "micro_batch": 64, "accum": 1, "world": 1, "step_s": 0.2},
+               "stage2": {"resolution": 512, "micro_batch": 16, "accum": 1, "world": 1, "step_s": 0.19},
+               "stage3": {"resolution": 1024, "micro_batch": 16, "accum": 1, "world": 1, "step_s": 0.5}}}
+
+
+def test_plan_measured_turns_step_times_into_gpu_days(tmp_path):
+    import json
+
+    from train.flops import flops_per_token
+    from train.model import MODELS
+    from train.stages import load_stage, plan_measured
+
+    s1 = plan_measured(load_stage("stage1", REPO_PIPELINES), MEASURED["stages"]["stage1"], "h100", 8)
+    # 100k steps x 2048 images at 64 images / 0.2 s = 320 images/s on one GPU: 640,000 s
+    assert s1["images"] == 204_800_000 and s1["images_per_s_per_gpu"] == pytest.approx(320.0)
+    assert s1["gpu_days"] == pytest.approx(640_000 / 86400) and s1["wall_days"] == pytest.approx(s1["gpu_days"] / 8)
+    assert s1["mfu"] == pytest.approx(flops_per_token(MODELS["meissonic-1b"], (16, 16)) * 256 * 320 / 989e12)
+    s3 = plan_measured(load_stage("stage3", REPO_PIPELINES), MEASURED["stages"]["stage3"], "h100", 8)
+    assert s3["gpu_days"] == pytest.approx(42_000 * 256 / 32.0 / 86400)  # 16 images / 0.5 s
+
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(MEASURED))
+    result = runner.invoke(app, ["plan", "--measured", str(path), "--gpus", "8", "--config", str(REPO_PIPELINES)])
+    assert result.exit_code == 0, result.output
+    total = (640_000 + 51_200_000 / (16 / 0.19) + 10_752_000 / 32.0) / 86400  # 18.33 H100-days
+    assert f"{total:.2f}" in result.output and f"{total / 8:.2f}" in result.output and "goal <= 12" in result.output
+    bad = dict(MEASURED, stages={"stage2": dict(MEASURED["stages"]["stage2"], resolution=256)})
+    path.write_text(json.dumps(bad))
+    result = runner.invoke(app, ["plan", "stage2", "--measured", str(path), "--config", str(REPO_PIPELINES)])
+    assert result.exit_code == 2 and "measured at 256 px" in result.output

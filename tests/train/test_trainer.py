@@ -27,10 +27,36 @@ FAST = ["threads=1", "deterministic=true", "tensorboard=false", "sample.every=0"
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
+    import torch._inductor.config as inductor_config
+
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             inductor_config.deterministic)
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[:2]
+    torch.backends.cuda.enable_cudnn_sdp(flags[2])
+    torch.backends.cuda.enable_mem_efficient_sdp(flags[3])
+    inductor_config.deterministic = flags[4]
+
+
+def test_deterministic_sets_every_switch(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from train.stages import StageConfig
+    from train.trainer import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    set_determinism(StageConfig(deterministic=False, threads=1))
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_determinism(StageConfig(deterministic=True, threads=1))
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and inductor_config.deterministic
 
 
 def _sets(items: list[str]) -> dict:
@@ -104,7 +130,9 @@ def test_debug_model_overfits_and_sampler_reproduces(tmp_path, make_code_folder)
     model, text, meta = load_for_sampling(tmp_path / "run")
     ds = CodeDataset(data)
     prompts = [ds.row(i)["caption"] for i in range(4)]
-    codes = generate(model, text, prompts, tuple(meta["grid"]), meta["resolution"], steps=8, cfg=1.0, seed=1)
+    assert (meta["convention"], meta["precision"]) == ("tessera", "fp32")
+    assert meta["sample_micro_conds"] == [64.0, 64.0, 0.0, 0.0, 6.0]  # the data's medians (uniform_micro)
+    codes = generate(model, text, prompts, tuple(meta["grid"]), meta["sample_micro_conds"], steps=8, cfg=1.0, seed=1)
     want = torch.from_numpy(ds.codes(range(4)).astype("int64")).view(4, 4, 4)
     assert torch.equal(codes, want)
 
@@ -168,3 +196,31 @@ def test_two_process_ddp_on_cpu(tmp_path, make_code_folder):
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(0 < r["loss"] < 10 for r in records)
     state = checkpoint.load_state(checkpoint.latest(run_dir))
     assert state["cursor"]["world"] == 2 and state["step"] == 4
+
+
+def test_long_caption_share_and_conventions_are_recorded(tmp_path, make_code_folder):
+    """Each log window reports p and the share of samples that really trained on a long caption
+    (every second row has one; the others fall back to their caption and are not counted). The
+    checkpoint records convention, precision and the data's median micro-conditions; a stage
+    that starts from it inherits the convention and refuses a contradicting one."""
+    from core.config import ConfigError
+    from train.data import CodeLoader, open_dataset
+
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(12, 9))
+    sets = FAST + [f"data.path={data}", "steps=4", "log_every=2", "ckpt_every=4", "batch_size=6",
+                   "micro_batch_size=3", "data.long_caption_prob=0.7"]
+    cfg = load_stage("debug", REPO_PIPELINES, _sets(sets))
+    run(cfg, "debug", tmp_path / "run")
+    loader = CodeLoader(open_dataset(cfg.data), 3, seed=0, long_caption_prob=0.7)
+    longs = [loader.next_batch().long.sum() for _ in range(8)]  # 4 steps x 2 micro-batches
+    want = [sum(longs[0:4]) / 12, sum(longs[4:8]) / 12]
+    records = read_records(tmp_path / "run")
+    assert [r["long_caption_share"] for r in records] == pytest.approx(want)
+    assert {r["long_caption_prob"] for r in records} == {0.7} and 0 < sum(want) < 2
+
+    meta = checkpoint.load_meta(checkpoint.latest(tmp_path / "run"))
+    assert (meta["convention"], meta["precision"]) == ("tessera", "fp32")
+    assert meta["sample_micro_conds"][:2] == [110.0, 210.0]  # medians of orig_w = 100+i, orig_h = 200+i, i < 21
+    later = _sets(sets + [f"init_from={tmp_path / 'run'}", "convention=meissonic"])
+    with pytest.raises(ConfigError, match="contradicts .* uses 'tessera'"):
+        run(load_stage("debug", REPO_PIPELINES, later), "debug", tmp_path / "next")
