@@ -36,14 +36,26 @@ class ConfigError(UserError):
     """A configuration problem a user can fix; the message names the key and the file."""
 
 
+def given(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line flags without the ones left out: a typer option left at its default is None
+    ("not given") and must not override pipelines.yaml. (A `null` in YAML or `--set k=null` is
+    a value: it does override, e.g. to switch a filter rule off.)"""
+    out: dict[str, Any] = {}
+    for key, value in flags.items():
+        if isinstance(value, Mapping):
+            value = given(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out
+
+
 def deep_merge(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Merge dict layers left to right; later wins. `None` values in a layer mean "not given"
-    (a typer option left at its default) and do not override."""
+    """Merge dict layers left to right; later wins, `null` included (flags go through `given`)."""
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in (layer or {}).items():
-            if value is None:
-                continue
             if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
                 out[key] = deep_merge(out[key], value)
             else:

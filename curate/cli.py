@@ -41,7 +41,7 @@ def run_step(name: str, flags: dict[str, Any], inp: str, out: str, config_path: 
 
     doc = config.load_yaml(config_path)
     step = get_step(name)
-    cfg = config.merge(step.config, config.section(doc, step.section), flags, where=f"curate {name}")
+    cfg = config.merge(step.config, config.section(doc, step.section), config.given(flags), where=f"curate {name}")
     join_cluster(ray_address(address, doc))
     return step.run(cfg, inp, out)
 
@@ -72,7 +72,7 @@ def synth(
     with user_errors():
         doc = config.load_yaml(config_path)
         flags = dict(rows=rows, files=files, seed=seed, dup_rate=dup_rate, missing_rate=missing_rate, null_rate=null_rate)
-        cfg = config.merge(synth_mod.SynthConfig, config.section(doc, "curate.synth"), flags, where="curate synth")
+        cfg = config.merge(synth_mod.SynthConfig, config.section(doc, "curate.synth"), config.given(flags), where="curate synth")
         summary = synth_mod.run(cfg, output, captions_output)
     Console().print(f"wrote {summary['rows']:,} rows in {len(summary['files'])} files to {output}"
                     + (f"; {summary['captions']['rows']:,} captions to {captions_output}" if captions_output else ""))

@@ -66,7 +66,7 @@ def main(
                  executor=executor, num_actors=num_actors, cpus_per_actor=cpus_per_actor, decode_threads=decode_threads,
                  allow_upscale=allow_upscale, allow_incomplete=allow_incomplete)
     with user_errors():
-        cfg = C.merge(PretokenizeConfig, yaml_section(config), flags, where="pretokenize")
+        cfg = C.merge(PretokenizeConfig, yaml_section(config), C.given(flags), where="pretokenize")
         stats = run(cfg, input, output, ray_address(address, C.load_yaml(config)))
     ledger.print_counts(stats, console)
     for name, why in stats.get("damaged_shards", {}).items():
@@ -87,7 +87,7 @@ def check_cmd(
     from pretokenize.check import CheckConfig, run_check
 
     with user_errors():
-        cfg = C.merge(CheckConfig, yaml_section(config, "check"), dict(n=n, vq=vq, usage_rows=usage_rows),
+        cfg = C.merge(CheckConfig, yaml_section(config, "check"), C.given(dict(n=n, vq=vq, usage_rows=usage_rows)),
                       where="pretokenize.check")
         report = run_check(cfg, input, output)
     from pretokenize.check import print_report
@@ -114,7 +114,7 @@ def fit_vq_cmd(
     flags = dict(codebook=codebook, downsample=downsample, steps=steps, res=res, batch_size=batch_size,
                  width=width, seed=seed)
     with user_errors():
-        cfg = C.merge(FitVQConfig, yaml_section(config, "fit_vq"), flags, where="pretokenize.fit_vq")
+        cfg = C.merge(FitVQConfig, yaml_section(config, "fit_vq"), C.given(flags), where="pretokenize.fit_vq")
         list_shards(input)
         result = fit_vq(cfg, input, output)
     console.print(

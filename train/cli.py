@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.cli import tidy_help, user_errors
-from core.config import ConfigError, deep_merge, parse_sets
+from core.config import ConfigError, deep_merge, given, parse_sets
 
 app = typer.Typer(help="Train the Meissonic transformer on code shards.", add_completion=False,
                   no_args_is_help=True)
@@ -41,7 +41,7 @@ def run_cmd(
     flags: dict[str, Any] = {"data": {"path": data}, "steps": steps, "batch_size": batch_size,
                              "micro_batch_size": micro_batch_size}
     with user_errors():
-        cfg = load_stage(stage, config, deep_merge(flags, parse_sets(sets)))
+        cfg = load_stage(stage, config, deep_merge(given(flags), parse_sets(sets)))
         summary = run(cfg, stage, run_dir or Path("runs") / stage)
     console.print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}")
 

@@ -27,13 +27,18 @@ class Outer:
             raise ValueError("steps must be >= 0")
 
 
-def test_deep_merge_none_means_not_given():
-    assert config.deep_merge({"a": 1, "b": {"c": 2, "d": 3}}, {"a": None, "b": {"c": 5}}, None) == {"a": 1, "b": {"c": 5, "d": 3}}
+def test_unset_flags_are_not_given_but_null_is_a_value():
+    flags = config.given({"a": None, "b": {"c": 5, "e": None}, "f": {"g": None}})
+    assert flags == {"b": {"c": 5}}  # a typer option left at its default overrides nothing
+    assert config.deep_merge({"a": 1, "b": {"c": 2, "d": 3}}, flags, None) == {"a": 1, "b": {"c": 5, "d": 3}}
+    # `aesthetic: null` in pipelines.yaml or `--set aesthetic=null`: the rule is switched off
+    assert config.deep_merge({"aesthetic": 4.5}, {"aesthetic": None}) == {"aesthetic": None}
+    assert config.deep_merge({"text": {"checkpoint": "x"}}, config.parse_sets(["text.checkpoint=null"])) == {"text": {"checkpoint": None}}
     assert config.deep_merge({"a": {"x": 1}}, {"a": 2}) == {"a": 2}  # a scalar replaces a mapping
 
 
 def test_precedence_defaults_yaml_cli():
-    cfg = config.merge(Outer, {"name": "yaml", "inner": {"lr": 0.1}}, {"inner": {"lr": None, "steps": 3}})
+    cfg = config.merge(Outer, {"name": "yaml", "inner": {"lr": 0.1}}, config.given({"inner": {"lr": None, "steps": 3}}))
     assert (cfg.name, cfg.inner.lr, cfg.inner.steps) == ("yaml", 0.1, 3)
     assert config.merge(Outer).inner.lr == 1e-4
 
