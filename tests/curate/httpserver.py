@@ -257,3 +257,49 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 HTML_PAGE = b"<!doctype html><html><head><title>Image not found</title></head><body>gone</body></html>"
+
+
+# ---------------------------------------------------------------- TLS for an HTTPS ImageServer
+
+
+def tls_pair(names: list[str], folder: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context): a fresh CA, and a certificate for DNS `names` signed by
+    it; the client context trusts only that CA and verifies host names as urllib's default does."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool, sans: list[str]) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                              key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
+            b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("tessera test CA", ca_key, "tessera test CA", ca_key, True, [])
+    leaf = cert(names[0], leaf_key, "tessera test CA", ca_key, False, names)
+    pem = serialization.Encoding.PEM
+    chain, key_file = f"{folder}/leaf.pem", f"{folder}/leaf.key"
+    with open(chain, "wb") as f:
+        f.write(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    with open(key_file, "wb") as f:
+        f.write(leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(chain, key_file)
+    client = ssl.create_default_context(cadata=ca.public_bytes(pem).decode())
+    return server, client
