@@ -8,18 +8,22 @@ byte a second never trips a 10 s timeout, and `getaddrinfo` takes no timeout at 
   * `cut_at(deadline, sock)`: the process's `Alarm` thread shuts the connection down at the
     deadline, which wakes any read blocked in it (http.client's header parser, TLS, the body);
     the caller sees `cut.fired` and reports a timeout, never the partial bytes it got;
-  * `resolve(host, port, deadline, resolver)`: DNS in a helper thread, abandoned at the deadline
-    (the thread ends when the system resolver gives up; nothing waits for it).
+  * `resolve(host, port, deadline, resolver)`: DNS in a helper thread (`Lookups`), abandoned at
+    the deadline (that thread is free again when the system resolver gives up; nothing waits).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import os
+import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator
 
 Resolver = Callable[..., list]  # socket.getaddrinfo's signature and result
@@ -139,23 +143,58 @@ def cut_at(deadline: Deadline, sock: socket.socket) -> Iterator[Cut]:
         twin.close()
 
 
+class Lookups:
+    """Threads that run DNS lookups, reused (starting a thread per lookup doubled the CPU cost
+    of a loopback fetch); a new one starts whenever none is idle, so a lookup stuck in the
+    system resolver never delays another. Idle threads end after IDLE_SECONDS."""
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for a job that no submit has claimed yet
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            start = self._idle == 0
+            self._idle -= 0 if start else 1
+        if start:
+            threading.Thread(target=self._work, name="download-dns", daemon=True).start()
+        self._jobs.put((fn, future))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            try:
+                fn, future = self._jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # else a submit has claimed this thread: its job is on the way
+                        self._idle -= 1
+                        return
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+                future.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+
+LOOKUPS = Lookups()
+
+
 def resolve(host: str, port: int, deadline: Deadline, resolver: Resolver) -> list[tuple]:
     """`resolver(host, port, type=SOCK_STREAM)` (getaddrinfo) within the deadline; its own
     errors (socket.gaierror: `Name or service not known`) pass through."""
-    box: dict[str, Any] = {}
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            box["answer"] = resolver(host, port, type=socket.SOCK_STREAM)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
-            box["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=work, name="download-dns", daemon=True).start()
-    if not done.wait(max(0.0, deadline.remaining())):
-        raise deadline.timeout(f"DNS lookup of {host}")
-    if "error" in box:
-        raise box["error"]
-    return box["answer"]
+    future = LOOKUPS.submit(functools.partial(resolver, host, port, type=socket.SOCK_STREAM))
+    try:
+        return future.result(timeout=max(0.0, deadline.remaining()))
+    except FutureTimeout:
+        raise deadline.timeout(f"DNS lookup of {host}") from None

@@ -20,7 +20,7 @@ import pytest
 import httpserver as hs  # noqa: E402
 
 from curate.download.addresses import AddressPolicy, blocked_range, embedded_ipv4  # noqa: E402
-from curate.download.deadline import Alarm, Deadline  # noqa: E402
+from curate.download.deadline import Alarm, Deadline, resolve  # noqa: E402
 from curate.download.engine import download_with_retry  # noqa: E402
 from curate.download.errors import classify  # noqa: E402
 from curate.download.fetch import MAX_REDIRECTS, Client, Target, parse_url  # noqa: E402
@@ -341,6 +341,16 @@ def test_the_deadline_covers_the_retries_too(server):
     _, stream, err = download_with_retry((0, server.url("stall-retry.jpg")), 0.4, 5, "tessera", None, limits, LOOPBACK)
     assert stream is None and classify("failed_to_download", err) == "timeout"
     assert time.perf_counter() - t0 < DEADLINE + MARGIN and server.hits["stall-retry.jpg"] == 3
+
+
+def test_a_stuck_lookup_does_not_delay_the_next(no_system_dns):
+    stuck = SlowDNS()
+    with pytest.raises(TimeoutError, match="DNS lookup of stuck.test"):
+        resolve("stuck.test", 80, Deadline(0.2), stuck)
+    t0 = time.perf_counter()  # the stuck thread is still in the resolver: another one answers
+    assert resolve("fast.test", 80, Deadline(2), Answers(["127.0.0.1"]))[0][4] == ("127.0.0.1", 80)
+    assert time.perf_counter() - t0 < 0.5
+    stuck.release.set()
 
 
 def test_alarm_fires_armed_timers_only():
