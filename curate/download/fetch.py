@@ -147,8 +147,8 @@ class Client:
     @contextlib.contextmanager
     def _exchange(self, target: Target, deadline: Deadline) -> Iterator[tuple[http.client.HTTPResponse, Cut]]:
         """Connect to the checked address, send the request, yield the response (headers read)."""
-        sock = self._connect(self.addresses(target, deadline), deadline)
         conn = (_HTTPS if target.scheme == "https" else http.client.HTTPConnection)(target.host, target.port)
+        sock = self._connect(self.addresses(target, deadline), deadline)
         try:
             with cut_at(deadline, sock) as cut:
                 try:
