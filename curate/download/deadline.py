@@ -101,7 +101,8 @@ class Alarm:
                     self._cond.wait(wait)
                     continue
             for fn in due:
-                fn()
+                with contextlib.suppress(Exception):  # one failing timer must not stop the others
+                    fn()
 
     def _pop_due(self) -> list[Callable[[], None]]:
         due, now = [], time.monotonic()
