@@ -149,7 +149,8 @@ def main() -> None:
         return baseline_main(args.baseline_worker)
     n, repeats = (600, 1) if args.small else (args.images, args.repeats)
     cfg = dl.DownloadConfig(image_size=IMAGE_SIZE, processes=args.processes, threads=args.threads,
-                            samples_per_shard=SHARD, metadata_columns=["aesthetic", "pwatermark"])
+                            samples_per_shard=SHARD, metadata_columns=["aesthetic", "pwatermark"],
+                            allow_networks=["127.0.0.0/8"])  # the guard refuses loopback unless allowed
     ctx = multiprocessing.get_context("spawn")
     port_queue, stop = ctx.Queue(), ctx.Event()
     server = ctx.Process(target=serve, args=(port_queue, stop), daemon=True)

@@ -7,7 +7,7 @@ input or settings; exit 1: rerun to finish).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -175,6 +175,7 @@ def download(
     retries: Optional[int] = typer.Option(None, "--retries", help="immediate retries of a transient failure [default: 2]"),
     max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="largest body accepted, bytes [default: 67108864]"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="largest width*height decoded, from the header [default: 100000000]"),
+    allow_network: Optional[List[str]] = typer.Option(None, "--allow-network", help="CIDR the network guard lets through, e.g. 127.0.0.0/8 for a loopback server (repeatable; replaces download.allow_networks) [default: none: loopback, private, link-local, metadata... refused]"),
     config_path: Optional[Path] = ConfigOpt,
     address: Optional[str] = RayOpt,
 ) -> None:
@@ -185,7 +186,7 @@ def download(
     processes."""
     flags = dict(image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
                  retry_failed=retry_failed, samples_per_shard=samples_per_shard, timeout=timeout, retries=retries,
-                 max_bytes=max_bytes, max_pixels=max_pixels)
+                 max_bytes=max_bytes, max_pixels=max_pixels, allow_networks=allow_network or None)
     with user_errors():  # one line: exit 2 for user errors, exit 1 for unfinished shards
         stats = run_step("download", flags, str(input), str(output), config_path, address)
     ledger.print_counts(stats)

@@ -8,8 +8,10 @@ No network is reachable on the machines this demo must run on, so the image half
   2. writes `OUT/meta/part-00000.parquet` with LAION's columns (URL, TEXT, WIDTH, HEIGHT,
      similarity, hash, punsafe, pwatermark, aesthetic) and URLs on 127.0.0.1;
   3. serves `OUT/www` on 127.0.0.1 and runs the command given after `--` while serving.
+The download's network guard refuses loopback unless allowed: pipelines.yaml's `demo-web`
+allows 127.0.0.0/8, and so must a command given here.
 
-    python scripts/demo_web.py --out demo/web --n 320 -- curate download -i demo/web/meta -o demo/images
+    python scripts/demo_web.py --out demo/web --n 320 -- curate download -i demo/web/meta -o demo/images --allow-network 127.0.0.0/8
 """
 from __future__ import annotations
 

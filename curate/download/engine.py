@@ -8,8 +8,9 @@ classes it builds by name in `img2dataset.main` (and its speed-printing logger p
     embed the shard id, so retry shards numbered after the existing ones get unique keys);
   * `LimitedResizer` reads the image header first (limits before decode, see
     `curate.download.limits`) and normalises the layouts OpenCV gets wrong;
-  * `LimitedDownloader` swaps img2dataset's fetch for the capped one while a shard runs,
-    retrying only transient failures.
+  * `LimitedDownloader` swaps img2dataset's urllib fetch for ours while a shard runs
+    (`curate.download.fetch`: http(s) only, the network guard, one deadline per URL, the
+    byte cap), retrying only transient failures.
 
 The classes live in this importable module, so img2dataset's spawn workers and Ray workers
 unpickle them by reference and get the same behaviour. Call `run` only from a process that
@@ -34,9 +35,12 @@ from PIL import Image
 from core import laion
 from curate.download.plan import SOURCE_COLUMNS, ShardEntry
 
-from curate.download.errors import classify, is_transient
 from core.image import needs_normalize, normalize
-from curate.download.limits import LimitError, Limits, check_header, fetch, probe
+from curate.download.addresses import AddressPolicy
+from curate.download.deadline import Deadline
+from curate.download.errors import classify, is_transient
+from curate.download.fetch import Client
+from curate.download.limits import LimitError, Limits, check_header, probe
 
 # The modules, not the names `img2dataset/__init__` re-exports (`main` there is a function).
 i2d_main = importlib.import_module("img2dataset.main")
@@ -44,20 +48,27 @@ i2d_downloader = importlib.import_module("img2dataset.downloader")
 
 
 
-def download_with_retry(row, timeout, retries, user_agent_token, disallowed_header_directives, limits: Limits):
+def download_with_retry(row, timeout, retries, user_agent_token, disallowed_header_directives, limits: Limits,
+                        policy: AddressPolicy):
     """img2dataset's `download_image_with_retry` contract -> (key, BytesIO | None, error | None),
-    with the byte cap and deadline, retrying transient failures only (a 404 is not retried)."""
+    through the guarded, capped fetch (curate.download.fetch). One deadline covers the URL,
+    its retries included; only transient failures are retried (a 404 or a refusal is not)."""
     key, url = row
+    robots = None
+    if disallowed_header_directives:
+        robots = functools.partial(is_disallowed, user_agent_token=user_agent_token,
+                                   disallowed_header_directives=disallowed_header_directives)
+    client = Client(timeout, user_agent_token, limits, policy, robots)
+    deadline = Deadline(limits.max_seconds)
     err = None
     for _ in range(retries + 1):
         try:
-            data = fetch(url, timeout, user_agent_token, disallowed_header_directives, limits, is_disallowed)
-            return key, io.BytesIO(data), None
+            return key, io.BytesIO(client.get(url, deadline)), None
         except LimitError as exc:
             return key, None, str(exc)
-        except Exception as exc:  # noqa: BLE001  (urllib raises many kinds; all become a reason)
+        except Exception as exc:  # noqa: BLE001  (the network raises many kinds; all become a reason)
             err = str(exc) or type(exc).__name__
-            if not is_transient(classify("failed_to_download", err)):
+            if not is_transient(classify("failed_to_download", err)) or deadline.expired():
                 break
     return key, None, err
 
@@ -75,13 +86,14 @@ def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
 class LimitedDownloader(Downloader):
     """img2dataset's Downloader with the capped fetch installed while a shard runs."""
 
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any):
+    def __init__(self, *args: Any, limits: Limits, policy: AddressPolicy, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.policy = policy
 
     def download_shard(self, row):  # noqa: D401  (img2dataset's signature)
         apply_process_limits(self.limits)
-        fetcher = functools.partial(download_with_retry, limits=self.limits)
+        fetcher = functools.partial(download_with_retry, limits=self.limits, policy=self.policy)
         with _patched(i2d_downloader, "download_image_with_retry", fetcher):
             return super().download_shard(row)
 
@@ -188,11 +200,12 @@ class QuietLogger:
 
 
 def run(spec: dict[str, Any]) -> None:
-    """Run img2dataset on `spec` (curate.download.spec): plan, columns, limits, kwargs."""
+    """Run img2dataset on `spec` (curate.download.spec): plan, columns, limits, network, kwargs."""
     limits = Limits(**spec["limits"])
     apply_process_limits(limits)
     i2d_main.Resizer = functools.partial(LimitedResizer, limits=limits)
-    i2d_main.Downloader = functools.partial(LimitedDownloader, limits=limits)
+    policy = AddressPolicy.from_cidrs(spec["network"]["allow_networks"])
+    i2d_main.Downloader = functools.partial(LimitedDownloader, limits=limits, policy=policy)
     plan = [ShardEntry(**{**e, "retry_of": tuple(e["retry_of"])}) for e in spec["plan"]]
     i2d_main.Reader = functools.partial(PlannedReader, plan=plan, columns=spec["columns"])
     i2d_main.LoggerProcess = QuietLogger

@@ -4,7 +4,9 @@ img2dataset reports a status (`failed_to_download` / `failed_to_resize`) and a f
 error message (urllib's, OpenCV's, or our limit reasons). `classify` maps the message to a
 short category so a billion-row ledger can be grouped; `TRANSIENT` lists the categories
 `--retry-failed` re-queues (the server may answer next time: timeouts, 408/429, 5xx,
-connection resets, temporary DNS failures). Everything else is a property of the URL.
+connection resets, temporary DNS failures). Everything else is a property of the URL:
+`bad_url` (not http(s), malformed) and `blocked_address` (the network guard refused where it
+points, curate.download.addresses) are never retried.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^too_many_pixels:", "too_many_pixels"),
         (r"^aspect_ratio:", "aspect_ratio"),
         (r"^bad_url:", "bad_url"),
+        (r"^blocked_address:", "blocked_address"),
+        (r"^too_many_redirects:", "too_many_redirects"),
         (r"X-Robots-Tag", "x_robots_tag"),
         (r"HTTP Error (\d{3})", "http_{0}"),
         (r"timed? ?out", "timeout"),

@@ -1,6 +1,7 @@
 """What the img2dataset worker process is told: one JSON file per call (OUT/_logs/*.spec.json).
 
     {"i2d": img2dataset.download keyword arguments, "limits": curate.download.limits.Limits,
+     "network": {"allow_networks": CIDRs the guard lets through (curate.download.addresses)},
      "plan": the ShardEntry list of this call, "columns": which input columns to carry,
      "ray_address": the Ray cluster for img2dataset's Ray distributor, or null}
 With `distributor: auto`, img2dataset runs its Ray distributor when this process joined a Ray
@@ -74,4 +75,5 @@ def worker_spec(cfg: Any, staging: Path, columns: dict[str, Any], plan: ShardPla
         "max_seconds": cfg.max_download_seconds,
     }
     return {"i2d": i2d_kwargs(cfg, staging, columns, plan, entries[0].file, address), "limits": limits,
+            "network": {"allow_networks": list(cfg.allow_networks)},
             "plan": [asdict(e) for e in entries], "columns": columns, "ray_address": address}

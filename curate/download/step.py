@@ -34,6 +34,7 @@ from core.config import ConfigError, execution
 from core.errors import StepIncomplete
 from core.rundir import RunDir, hold_lock
 from curate.download import adopt
+from curate.download.addresses import parse_networks
 from curate.download import ledger as download_ledger
 from curate.download.plan import SOURCE_COLUMNS, ShardEntry, ShardPlan, add_retry_shards, make_plan
 from curate.download.spec import worker_spec
@@ -76,8 +77,10 @@ class DownloadConfig:
     samples_per_shard: int = 10000  # input rows per shard (img2dataset number_sample_per_shard)
     processes: int | None = execution(None)  # local worker processes (None: all CPUs); Ray ignores it
     threads: int = execution(64)  # download threads per process
-    timeout: float = execution(10.0)  # seconds a socket may stall (connect or read) before failing
-    max_download_seconds: float = execution(60.0)  # total seconds for one body: stops slow trickles
+    timeout: float = execution(10.0)  # seconds one blocking call may stall (connect, TLS, a read) before failing
+    # Seconds one URL may take in all: DNS, connect, TLS, headers, every redirect, the body and
+    # its retries; past it the URL fails `timeout`, however slow the server.
+    max_download_seconds: float = execution(60.0)
     stall_seconds: float = execution(900.0)  # no shard file changed this long: stop img2dataset (a hung pool)
     retries: int = execution(2)  # immediate retries of a transient failure (timeouts, 429, 5xx, resets)
     max_bytes: int = 64 * 1024 * 1024  # largest body accepted; more -> failed too_large
@@ -85,6 +88,11 @@ class DownloadConfig:
     max_aspect_ratio: float = 10.0  # long/short side; beyond it a resize would explode
     min_image_size: int = 0  # smaller short side -> failed too_small
     user_agent_token: str = "tessera"  # named in the User-Agent and matched in X-Robots-Tag
+    # CIDRs the network guard lets through (curate.download.addresses), e.g. ["127.0.0.0/8"] for a
+    # loopback server; by default loopback, private, link-local, CGNAT, multicast, reserved and
+    # cloud-metadata addresses are refused (blocked_address). Part of the folder's identity: it
+    # decides which URLs are fetched, so what the shards hold.
+    allow_networks: list[str] = field(default_factory=list)
     # img2dataset's distributor: auto = its Ray distributor when the command joined a Ray cluster
     # (--ray-address, RAY_ADDRESS, ray.address), else local processes; ray | multiprocessing to choose.
     distributor: str = execution("auto")
@@ -109,6 +117,7 @@ class DownloadConfig:
             raise ValueError("retries and min_image_size must be >= 0")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        self.allow_networks = [str(n) for n in parse_networks(self.allow_networks)]  # one spelling per network
         if not self.user_agent_token.strip():
             raise ValueError("user_agent_token must name this crawler (site owners opt out by it)")
         clash = set(self.metadata_columns) & {"url", "caption", "key", "status", "error_message", "sha256", *SOURCE_COLUMNS}

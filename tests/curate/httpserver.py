@@ -1,14 +1,18 @@
 """A loopback HTTP image server for download tests and benchmarks, and the hostile images.
 
-`ImageServer` is a threaded `http.server` on 127.0.0.1 with an ephemeral port. Routes map a
-path to a `Route`: fixed bytes with a content type, an HTTP error, a stall, a slow trickle,
-a reset connection, or a flaky route that fails its first N hits. `gen/<i>.<ext>` paths serve
-generated images for benchmarks. Every hit and User-Agent is recorded for assertions.
+`ImageServer` is a threaded `http.server` on 127.0.0.1 with an ephemeral port (HTTPS when
+given a TLS context). Routes map a path to a `Route`: fixed bytes with a content type, an HTTP
+error, a redirect, a stall, a slow trickle (of the body or of the headers), a reset
+connection, or a flaky route that fails its first N hits. `gen/<i>.<ext>` paths serve
+generated images for benchmarks. Every hit, User-Agent and Host header is recorded for
+assertions. `silent_url` is a port that accepts connections and never answers.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -16,6 +20,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -33,18 +38,24 @@ class Route:
     fail_first: int = 0  # answer `fail_status` to the first N hits, then normally
     fail_status: int = 503
     chunked: bool = False  # send the body without Content-Length
+    location: str | None = None  # redirect: answer `status` (302 when left at 200) with this Location
+    header_trickle: float = 0.0  # seconds between single bytes of the status line and headers
 
 
 class ImageServer:
-    def __init__(self, gen_images: list[bytes] | None = None):
+    def __init__(self, gen_images: list[bytes] | None = None, tls: ssl.SSLContext | None = None):
         self.routes: dict[str, Route] = {}
         self.gen_images = gen_images or []
         self.hits: Counter[str] = Counter()
         self.user_agents: list[str] = []
+        self.hosts: list[str] = []  # the Host header of every request
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True  # a stalled handler never blocks shutdown
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> "ImageServer":
@@ -60,17 +71,18 @@ class ImageServer:
     def port(self) -> int:
         return self.httpd.server_address[1]
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}/{path.lstrip('/')}"
 
     def add(self, path: str, route: Route) -> str:
         self.routes[path.lstrip("/")] = route
         return self.url(path)
 
-    def record(self, path: str, ua: str) -> int:
+    def record(self, path: str, ua: str, host: str) -> int:
         with self._lock:
             self.hits[path] += 1
             self.user_agents.append(ua)
+            self.hosts.append(host)
             return self.hits[path]
 
     def sleep(self, seconds: float) -> None:
@@ -86,7 +98,7 @@ def _handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.lstrip("/")
-            hit = server.record(path, self.headers.get("User-Agent", ""))
+            hit = server.record(path, self.headers.get("User-Agent", ""), self.headers.get("Host", ""))
             route = server.routes.get(path) or _generated(server, path)
             if route is None:
                 return self.send_error(404, "Not Found")
@@ -111,16 +123,12 @@ def _serve(h: BaseHTTPRequestHandler, server: ImageServer, route: Route, hit: in
         server.sleep(route.stall)
     if hit <= route.fail_first:
         return h.send_error(route.fail_status)
+    if route.location is not None:
+        return _redirect(h, route)
     if route.status != 200:
         return h.send_error(route.status)
-    h.send_response(200)
-    h.send_header("Content-Type", route.content_type)
-    for k, v in route.headers.items():
-        h.send_header(k, v)
-    if not (route.trickle or route.chunked):
-        h.send_header("Content-Length", str(len(route.body)))
-    h.end_headers()
     try:
+        _headers(h, server, route)
         if route.trickle:
             for b in route.body:
                 if server.stopping.is_set():
@@ -132,6 +140,41 @@ def _serve(h: BaseHTTPRequestHandler, server: ImageServer, route: Route, hit: in
             h.wfile.write(route.body)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the client gave up, as it should
+
+
+def _headers(h: BaseHTTPRequestHandler, server: ImageServer, route: Route) -> None:
+    fields = {"Content-Type": route.content_type, **route.headers}
+    if not (route.trickle or route.chunked):
+        fields["Content-Length"] = str(len(route.body))
+    if not route.header_trickle:
+        h.send_response(200)
+        for k, v in fields.items():
+            h.send_header(k, v)
+        return h.end_headers()
+    head = "HTTP/1.0 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+    for b in head.encode():
+        if server.stopping.is_set():
+            return
+        h.wfile.write(bytes([b]))
+        h.wfile.flush()
+        server.sleep(route.header_trickle)
+
+
+def _redirect(h: BaseHTTPRequestHandler, route: Route) -> None:
+    h.send_response(302 if route.status == 200 else route.status)
+    h.send_header("Location", route.location)
+    h.send_header("Content-Length", "0")
+    h.end_headers()
+
+
+@contextlib.contextmanager
+def silent_url(scheme: str = "http") -> Iterator[str]:
+    """A URL on a port whose TCP connections complete (the kernel's backlog) but that nobody
+    ever reads from or answers: a server that accepts and never says a word."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"{scheme}://127.0.0.1:{s.getsockname()[1]}/never.jpg"
 
 
 def closed_port_url() -> str:
@@ -214,3 +257,49 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 HTML_PAGE = b"<!doctype html><html><head><title>Image not found</title></head><body>gone</body></html>"
+
+
+# ---------------------------------------------------------------- TLS for an HTTPS ImageServer
+
+
+def tls_pair(names: list[str], folder: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context): a fresh CA, and a certificate for DNS `names` signed by
+    it; the client context trusts only that CA and verifies host names as urllib's default does."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool, sans: list[str]) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                              key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
+            b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("tessera test CA", ca_key, "tessera test CA", ca_key, True, [])
+    leaf = cert(names[0], leaf_key, "tessera test CA", ca_key, False, names)
+    pem = serialization.Encoding.PEM
+    chain, key_file = f"{folder}/leaf.pem", f"{folder}/leaf.key"
+    with open(chain, "wb") as f:
+        f.write(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    with open(key_file, "wb") as f:
+        f.write(leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(chain, key_file)
+    client = ssl.create_default_context(cadata=ca.public_bytes(pem).decode())
+    return server, client

@@ -37,7 +37,7 @@ def test_download_then_pretokenize_keeps_the_originals_micro_conditions(tmp_path
         urls = [server.add(f"{name}.jpg", hs.Route(photo(*size))) for name, size in SIZES.items()]
         (tmp_path / "meta").mkdir()
         pq.write_table(pa.table({"URL": urls, "TEXT": list(SIZES)}), tmp_path / "meta" / "part-00000.parquet")
-        cfg = dl.DownloadConfig(image_size=64, processes=1, threads=4, samples_per_shard=16)
+        cfg = dl.DownloadConfig(image_size=64, processes=1, threads=4, samples_per_shard=16, allow_networks=["127.0.0.0/8"])
         stats = dl.run(cfg, str(tmp_path / "meta"), str(tmp_path / "images"))
     assert stats["kept"] == len(SIZES)
     out = tmp_path / "codes"

@@ -3,7 +3,8 @@
 img2dataset costs 7-9 s of start-up per call, so the whole file makes three calls: one run
 over every bad-input case (each case is then its own test, read from the ledger), one rerun
 that redoes a damaged shard on img2dataset's Ray distributor, and one `--retry-failed`
-through the CLI.
+through the CLI. The server is on loopback, which the network guard refuses unless allowed:
+every run allows 127.0.0.0/8, and the cases that point (or redirect) anywhere else are refused.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ from curate.download import step as dl  # noqa: E402
 from curate.cli import app  # noqa: E402
 
 CFG = dict(image_size=64, processes=1, threads=16, timeout=1.5, max_download_seconds=2.5, retries=1,
-           max_bytes=200_000, max_pixels=50_000_000, samples_per_shard=32)
+           max_bytes=200_000, max_pixels=50_000_000, samples_per_shard=32, allow_networks=["127.0.0.0/8"])
 KEPT, FAILED = "kept", "failed"
 
-# name -> (route, expected state, expected reason); fast cases in file a (shard 0), slow in b (shard 1)
+# name -> (route or literal URL, expected state, expected reason); fast cases in file a (shard 0),
+# slow in b (shard 1)
 FAST = {
     "good_jpeg": (hs.Route(hs.jpeg(seed=11)), KEPT, None),
     "good_png": (hs.Route(hs._save(hs.photo(50, 40, 12), "PNG"), "image/png"), KEPT, None),
@@ -52,10 +54,19 @@ FAST = {
     "x_robots_noai": (hs.Route(hs.jpeg(), headers={"X-Robots-Tag": "noai"}), FAILED, "x_robots_tag"),
     "body_over_cap_chunked": (hs.Route(b"\xff" * 300_000, chunked=True), FAILED, "too_large"),
     "body_over_cap_declared": (hs.Route(b"\xff" * 300_000), FAILED, "too_large"),
+    "redirect_within_loopback": (hs.Route(location="/good_jpeg.img", status=301), KEPT, None),
+    "private_address": ("http://10.0.0.1/a.jpg", FAILED, "blocked_address"),
+    "metadata_mapped_ipv6": ("http://[::ffff:169.254.169.254]/latest/meta-data/", FAILED, "blocked_address"),
+    "redirect_to_private": (hs.Route(location="http://192.168.1.1/a.jpg"), FAILED, "blocked_address"),
+    "redirect_to_metadata": (hs.Route(location="http://169.254.169.254/latest/meta-data/"), FAILED, "blocked_address"),
+    "file_url": ("file:///etc/hostname", FAILED, "bad_url"),
+    "redirect_to_file": (hs.Route(location="file:///etc/hostname"), FAILED, "bad_url"),
 }
+BLOCKED = [n for n, c in FAST.items() if c[2] == "blocked_address"]
 SLOW = {
     "stalls_beyond_timeout": (hs.Route(hs.jpeg(), stall=60), FAILED, "timeout"),
     "trickles_forever": (hs.Route(hs.jpeg(), trickle=0.5), FAILED, "timeout"),
+    "trickles_headers": (hs.Route(hs.jpeg(), header_trickle=0.5), FAILED, "timeout"),
     "connection_reset": (hs.Route(reset=True), FAILED, "connection_reset"),
     "flaky_503": (hs.Route(hs.jpeg(seed=13), fail_first=2), FAILED, "http_503"),  # 2 = 1 try + 1 retry
     "good_after_slow": (hs.Route(hs.jpeg(seed=14)), KEPT, None),
@@ -63,9 +74,11 @@ SLOW = {
 CASES = {**FAST, **SLOW}
 
 
-def _url(server: hs.ImageServer, name: str, route: hs.Route | None) -> str:
+def _url(server: hs.ImageServer, name: str, route: hs.Route | str | None) -> str:
     if name == "connection_refused":
         return hs.closed_port_url()
+    if isinstance(route, str):
+        return route
     return server.add(f"{name}.img", route) if route else server.url(f"{name}.img")
 
 
@@ -145,8 +158,11 @@ def test_run_accounts_for_every_url_and_behaves_on_the_wire(hostile, server):
     assert sorted(p.name for p in (root / "out" / "_done").iterdir()) == ["00000.json", "00001.json"]
     assert server.hits["not_found_404.img"] == 1  # permanent errors are not retried
     assert server.hits["stalls_beyond_timeout.img"] == 2 and server.hits["flaky_503.img"] == 2
+    assert server.hits["trickles_headers.img"] == 1  # the URL's deadline was spent: no retry
+    assert all(server.hits[f"{n}.img"] == 1 for n in BLOCKED if n.startswith("redirect"))  # refusals are final
+    assert stats["failed_reasons"]["blocked_address"] == len(BLOCKED) and stats["failed_reasons"]["bad_url"] == 2
     assert all("(compatible; tessera;" in ua for ua in server.user_agents)
-    assert seconds < 90  # nothing hung (the stall sleeps 60 s, the trickle would take minutes)
+    assert seconds < 90  # nothing hung (the stall sleeps 60 s, the trickles would take minutes)
 
 
 def test_rerun_skips_verified_shards_and_redoes_a_damaged_one_on_ray(hostile, tmp_path):
@@ -179,16 +195,21 @@ def test_retry_failed_requeues_transient_failures_into_new_shards(hostile, serve
     yaml.write_text("curate:\n  download:\n    max_download_seconds: 2.5\n    threads: 16\n    image_size: 32\n")
     args = ["download", "-i", str(root / "in"), "-o", str(out), "-c", str(yaml), "--image-size", "64",
             "--processes", "1", "--timeout", "1.5", "--retries", "1", "--max-bytes", "200000",
-            "--max-pixels", "50000000", "--samples-per-shard", "32"]
+            "--max-pixels", "50000000", "--allow-network", "127.0.0.0/8", "--samples-per-shard", "32"]
     hits = dict(server.hits)
     changed = runner.invoke(app, args[:-1] + ["16"])  # a different shard size is a different output
     assert changed.exit_code == 2 and "different config" in changed.output
+    unguarded = [a for a in args if a not in ("--allow-network", "127.0.0.0/8")]  # so is another network policy
+    changed = runner.invoke(app, unguarded + ["--allow-network", "10.0.0.0/8"])
+    assert changed.exit_code == 2 and "different config" in changed.output and "allow_networks" in changed.output
+    bad = runner.invoke(app, unguarded + ["--allow-network", "127.0.0.1/8"])
+    assert bad.exit_code == 2 and "127.0.0.1/8" in bad.output
     result = runner.invoke(app, args + ["--retry-failed"])
     assert result.exit_code == 0, result.output
     after = _ledger_by_caption(out)
     assert set(after) == set(by_caption)  # still every input row exactly once
     assert after["flaky_503"]["state"] == KEPT and after["flaky_503"]["key"].startswith("00002")
-    for name in ("stalls_beyond_timeout", "trickles_forever", "connection_reset"):
+    for name in ("stalls_beyond_timeout", "trickles_forever", "trickles_headers", "connection_reset"):
         assert after[name]["state"] == FAILED and after[name]["key"].startswith("00002")
     assert {n: r for n, r in after.items() if n not in SLOW} == {n: r for n, r in by_caption.items() if n not in SLOW}
     for name in ("not_found_404.img", "good_after_slow.img", "decompression_bomb.img"):
@@ -201,7 +222,8 @@ def test_retry_failed_requeues_transient_failures_into_new_shards(hostile, serve
 def test_cli_help_and_user_errors(tmp_path):
     runner = CliRunner()
     help_text = runner.invoke(app, ["download", "--help"]).output
-    for opt in ("--input", "--output", "--image-size", "--resize-mode", "--processes", "--threads", "--retry-failed"):
+    for opt in ("--input", "--output", "--image-size", "--resize-mode", "--processes", "--threads", "--retry-failed",
+                "--allow-network"):
         assert opt in help_text
     missing = runner.invoke(app, ["download", "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
     assert missing.exit_code == 2 and "no input parquet files" in missing.output

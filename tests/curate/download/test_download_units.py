@@ -26,10 +26,14 @@ from curate.download.watchdog import supervise  # noqa: E402
 from curate.download.engine import download_with_retry, read_rows  # noqa: E402
 from curate.download.errors import classify, is_transient  # noqa: E402
 from core.image import needs_normalize, normalize  # noqa: E402
-from curate.download.limits import LimitError, Limits, check_header, fetch, probe, read_capped  # noqa: E402
+from curate.download.addresses import AddressPolicy  # noqa: E402
+from curate.download.deadline import Deadline  # noqa: E402
+from curate.download.fetch import Client, read_capped  # noqa: E402
+from curate.download.limits import LimitError, Limits, check_header, probe  # noqa: E402
 from curate.download.verify import verify_shard  # noqa: E402
 
 LIMITS = Limits(max_bytes=100_000, max_pixels=1_000_000, max_aspect_ratio=10.0, max_seconds=2.0)
+LOOPBACK = AddressPolicy.from_cidrs(["127.0.0.0/8"])  # the test server's network, allowed explicitly
 
 
 # ---------------------------------------------------------------- error categories
@@ -49,6 +53,12 @@ LIMITS = Limits(max_bytes=100_000, max_pixels=1_000_000, max_aspect_ratio=10.0, 
         ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns", False),
         ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "x_robots_tag", False),
         ("failed_to_download", "too_large:bytes>100", "too_large", False),
+        ("failed_to_download", "bad_url: scheme 'file' is not fetched (only http and https)", "bad_url", False),
+        ("failed_to_download", "blocked_address: 10.0.0.1 (private)", "blocked_address", False),
+        ("failed_to_download", "blocked_address: a.test -> 169.254.169.254 (metadata)", "blocked_address", False),
+        ("failed_to_download", "too_many_redirects: more than 10", "too_many_redirects", False),
+        ("failed_to_download", "timed out: DNS lookup of a.test not done within the 1 s download deadline", "timeout", True),
+        ("failed_to_download", "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed", "tls", False),
         ("failed_to_resize", "too_many_pixels:30000x30000>100", "too_many_pixels", False),
         ("failed_to_resize", "aspect_ratio:1x20000>10", "aspect_ratio", False),
         ("failed_to_resize", "Image decoding error", "decode_error", False),
@@ -91,25 +101,26 @@ def test_normalize_fixes_what_opencv_gets_wrong():
 
 
 def test_read_capped_stops_at_the_cap_and_the_deadline():
-    assert read_capped(io.BytesIO(b"x" * 100), 100, time.monotonic() + 5) == b"x" * 100
+    assert read_capped(io.BytesIO(b"x" * 100), 100, Deadline(5)) == b"x" * 100
     with pytest.raises(LimitError, match=r"^too_large:bytes>99$"):
-        read_capped(io.BytesIO(b"x" * 100), 99, time.monotonic() + 5)
+        read_capped(io.BytesIO(b"x" * 100), 99, Deadline(5))
     with pytest.raises(TimeoutError):
-        read_capped(io.BytesIO(b"x" * 100), 1000, time.monotonic() - 1)
+        read_capped(io.BytesIO(b"x" * 100), 1000, Deadline(-1))
 
 
 def test_fetch_caps_trickles_and_names_us():
+    client = Client(5, "tessera", LIMITS, LOOPBACK)
     with hs.ImageServer() as s:
         big = s.add("big.jpg", hs.Route(b"x" * 200_000))  # Content-Length over the cap
         trickle = s.add("slow.jpg", hs.Route(hs.jpeg(), trickle=0.2))
         ok = s.add("ok.jpg", hs.Route(hs.jpeg()))
         with pytest.raises(LimitError, match="too_large"):
-            fetch(big, 5, "tessera", None, LIMITS, None)
+            client.get(big, Deadline(2))
         t0 = time.perf_counter()
         with pytest.raises(TimeoutError):
-            fetch(trickle, 5, "tessera", None, LIMITS, None)
-        assert time.perf_counter() - t0 < 4  # the 2 s deadline, not the trickle's ~4 minutes
-        assert fetch(ok, 5, "tessera", None, LIMITS, None) == hs.jpeg()
+            client.get(trickle, Deadline(2))
+        assert time.perf_counter() - t0 < 2.5  # the 2 s deadline, not the trickle's ~4 minutes
+        assert client.get(ok, Deadline(2)) == hs.jpeg()
         assert all("(compatible; tessera;" in ua for ua in s.user_agents)
 
 
@@ -118,14 +129,19 @@ def test_download_with_retry_retries_transient_failures_only():
         flaky = s.add("flaky.jpg", hs.Route(hs.jpeg(), fail_first=2))
         busy = s.add("busy.jpg", hs.Route(hs.jpeg(), fail_first=99))
         gone = s.url("gone.jpg")
-        key, stream, err = download_with_retry((0, flaky), 5, 2, "tessera", None, LIMITS)
+        blocked = s.add("blocked.jpg", hs.Route(location="http://10.0.0.1/x.jpg"))
+        key, stream, err = download_with_retry((0, flaky), 5, 2, "tessera", None, LIMITS, LOOPBACK)
         assert err is None and stream.getvalue() == hs.jpeg() and s.hits["flaky.jpg"] == 3
-        _, stream, err = download_with_retry((1, busy), 5, 2, "tessera", None, LIMITS)
+        _, stream, err = download_with_retry((1, busy), 5, 2, "tessera", None, LIMITS, LOOPBACK)
         assert stream is None and "503" in err and s.hits["busy.jpg"] == 3
-        _, stream, err = download_with_retry((2, gone), 5, 2, "tessera", None, LIMITS)
+        _, stream, err = download_with_retry((2, gone), 5, 2, "tessera", None, LIMITS, LOOPBACK)
         assert "404" in err and s.hits["gone.jpg"] == 1  # permanent: asked once
-        for empty in (None, " "):  # a null URL in the metadata is a ledger entry, not a crash
-            _, stream, err = download_with_retry((3, empty), 5, 2, "tessera", None, LIMITS)
+        _, stream, err = download_with_retry((2, blocked), 5, 2, "tessera", None, LIMITS, LOOPBACK)
+        assert classify("failed_to_download", err) == "blocked_address" and s.hits["blocked.jpg"] == 1
+        _, stream, err = download_with_retry((2, flaky), 5, 2, "tessera", None, LIMITS, AddressPolicy())
+        assert classify("failed_to_download", err) == "blocked_address" and s.hits["flaky.jpg"] == 3  # default: refused
+        for empty in (None, " ", "file:///etc/hostname"):  # a null URL is a ledger entry, not a crash
+            _, stream, err = download_with_retry((3, empty), 5, 2, "tessera", None, LIMITS, LOOPBACK)
             assert stream is None and classify("failed_to_download", err) == "bad_url"
 
 
@@ -138,7 +154,8 @@ def test_config_validation_and_precedence():
     with pytest.raises(ConfigError, match="unknown key 'imagesize'"):
         merge(dl.DownloadConfig, {"imagesize": 1})
     for bad in ({"resize_mode": "stretch"}, {"max_bytes": 0}, {"max_aspect_ratio": 0.5},
-                {"user_agent_token": " "}, {"metadata_columns": ["status"]}, {"retries": -1}):
+                {"user_agent_token": " "}, {"metadata_columns": ["status"]}, {"retries": -1},
+                {"allow_networks": ["127.0.0.1/8"]}, {"allow_networks": ["localhost"]}):
         with pytest.raises(ConfigError):
             merge(dl.DownloadConfig, bad)
 
@@ -268,6 +285,9 @@ def test_ray_distributor_is_chosen_by_the_one_address_rule(monkeypatch, tmp_path
     doc = spec.worker_spec(dl.DownloadConfig(), tmp_path, cols, plan, entries)
     assert doc["ray_address"] == "10.0.0.1:6379" and doc["i2d"]["distributor"] == "ray"
     assert spec.worker_spec(dl.DownloadConfig(distributor="multiprocessing"), tmp_path, cols, plan, entries)["ray_address"] is None
+    assert doc["network"] == {"allow_networks": []}  # the guard refuses private ranges unless told
+    allowed = dl.DownloadConfig(allow_networks=["127.0.0.0/8", "0::1/128"])
+    assert spec.worker_spec(allowed, tmp_path, cols, plan, entries)["network"] == {"allow_networks": ["127.0.0.0/8", "::1/128"]}
     json.dumps(doc)  # the worker reads it back as JSON
 
 
