@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 from core import atomic
 from core.errors import StepIncomplete
+from core.procs import die_with_parent
 from core.progress import make_progress
 from core.rundir import RunDir
 
@@ -57,8 +58,12 @@ def is_done(rd: RunDir, unit: Unit) -> bool:
     return unit.input is None or rd.done_info(unit.name).get("input") == unit.input
 
 
-def execute(rd: RunDir, unit: Unit, fn: Callable[..., dict], state: Any = None) -> dict:
-    """Run one unit here (in a Ray worker or the driver) and write its marker; returns the marker info."""
+def execute(rd: RunDir, unit: Unit, fn: Callable[..., dict], state: Any = None, worker: bool = False) -> dict:
+    """Run one unit here (in a Ray worker or the driver) and write its marker; returns the marker info.
+    In a worker, the worker first ties its life to its raylet's (core.procs): a worker whose
+    driver was killed never finishes a unit into a folder a rerun is using."""
+    if worker:
+        die_with_parent()
     wall, cpu = time.perf_counter(), time.process_time()
     info = fn(*unit.args) if state is None else fn(state, *unit.args)
     info = {**(info or {}), "task_seconds": round(time.perf_counter() - wall, 3),
@@ -74,6 +79,7 @@ class _UnitActor:
     """A Ray actor body: the state (`setup(*args)`) is built once; units run on it in turn."""
 
     def __init__(self, setup: Callable[..., Any], args: tuple) -> None:
+        die_with_parent()
         self.state = setup(*args)
 
     def run(self, rd: RunDir, unit: Unit, fn: Callable[..., dict]) -> dict:
@@ -164,7 +170,7 @@ def _run_tasks(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources
     # Ray retries a task whose worker died (an OOM kill, a lost node); an exception the unit
     # raised is not retried: it is recorded.
     remote = _REMOTE.options(num_cpus=resources.cpus, num_gpus=resources.gpus)
-    refs = {remote.remote(rd, u, fn): u for u in todo}
+    refs = {remote.remote(rd, u, fn, None, True): u for u in todo}
     failures: dict[str, str] = {}
     pending = list(refs)
     with make_progress() as progress:

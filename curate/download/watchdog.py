@@ -3,8 +3,8 @@
     supervise(cmd, env, log, staging, poll, total, stall_seconds, lock_fd) -> exit code
 
 The worker runs in its own process group, so it and the pool it spawns are stopped together.
-It never outlives the driver: the worker's first act is `die_with_parent` (PR_SET_PDEATHSIG:
-the kernel sends it SIGTERM when the driver dies, however it dies: SIGKILL, an OOM kill,
+It never outlives the driver: the worker's first act is `core.procs.die_with_parent(SIGTERM)`
+(the kernel sends it SIGTERM when the driver dies, however it dies: SIGKILL, an OOM kill,
 Ctrl-C), and its SIGTERM handler kills its whole group (`curate.download.worker`). It is handed the
 output folder's lock (`lock_fd`), so the lock is held until the last holder is gone: a rerun
 never races a live worker of an earlier run.
@@ -16,7 +16,6 @@ killed waits forever for the lost shard: when no file under `staging` has change
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -24,26 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from core.procs import PARENT_ENV
 from core.progress import make_progress
 
 POLL_SECONDS = 0.5
-_PR_SET_PDEATHSIG = 1
-
-
-PARENT_ENV = "TESSERA_PARENT_PID"  # the driver's pid, for the worker's die_with_parent check
-
-
-def die_with_parent() -> None:
-    """Called first thing in the worker: SIGTERM this process when the driver dies (Linux
-    PR_SET_PDEATHSIG). Had the driver died before this call, the parent is already another
-    process: terminate at once."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    expected = os.environ.get(PARENT_ENV)
-    if expected and os.getppid() != int(expected):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def supervise(cmd: list[str], env: dict, log: Path, staging: Path, poll: Callable[[], int], total: int,
               stall_seconds: float, lock_fd: int | None = None) -> int:
     """Run `cmd` in its own process group under the watchdog (see module doc); returns its exit code."""

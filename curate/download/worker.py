@@ -9,7 +9,7 @@ code alone and verifies each shard (`curate.download.verify`). img2dataset is im
 in this process, never in the driver.
 
 This process leads its own process group (its pool's processes join it). It dies with the
-driver (`watchdog.die_with_parent`), and on SIGTERM it kills the whole group, so no download
+driver (`core.procs.die_with_parent`), and on SIGTERM it kills the whole group, so no download
 process outlives the run that started it.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m curate.download.worker SPEC.json", file=sys.stderr)
         return 2
-    from curate.download.watchdog import die_with_parent
+    from core.procs import PARENT_ENV, die_with_parent
 
     signal.signal(signal.SIGTERM, _kill_group)
-    die_with_parent()
+    die_with_parent(signal.SIGTERM, int(os.environ.get(PARENT_ENV, "0") or 0))
     with open(argv[0]) as f:
         spec = json.load(f)
     from curate.download import engine
