@@ -47,8 +47,12 @@ def build_report(cfg: ReportConfig, paths: list[str | os.PathLike], out: str | o
     con = connect(cfg.threads, cfg.memory)
     con.execute("SET enable_progress_bar = false")
     ctx = Context(cfg, inv, con)
+    sections, timings = [], {}
     try:
-        sections = [Section(sid, title, ctx.guard(title, fn, ctx)) for sid, title, fn in SECTIONS]
+        for sid, title, fn in SECTIONS:
+            t0 = time.perf_counter()
+            sections.append(Section(sid, title, ctx.guard(title, fn, ctx)))
+            timings[sid] = round(time.perf_counter() - t0, 3)
     finally:
         con.close()
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -56,5 +60,5 @@ def build_report(cfg: ReportConfig, paths: list[str | os.PathLike], out: str | o
     text = page("Tessera run report", subtitle, sections)
     atomic.write_text(out, text)
     return {"path": str(Path(out)), "bytes": len(text.encode()), "seconds": round(time.perf_counter() - start, 3),
-            "sections": [s.id for s in sections], "folders": [str(f.path) for f in inv.folders],
+            "sections": [s.id for s in sections], "section_seconds": timings, "folders": [str(f.path) for f in inv.folders],
             "problems": inv.problems + ctx.problems}

@@ -18,6 +18,8 @@ from curate.report.discover import Folder
 from curate.report.html import Html, code, esc, figure, join, note, table, tag
 from curate.report.images import embed_file
 
+ZOOM = 128  # check PNGs shorter than this (64 px reconstructions) are enlarged, pixels kept sharp
+
 
 def build(ctx: Context) -> Html:
     folders, checks = ctx.inv.of("pretokenize"), ctx.inv.of("check")
@@ -74,7 +76,7 @@ def _check(ctx: Context, check: Folder, codes: Folder | None) -> Html:
                       f"{u.get('entropy_bits', 0):.2f} of {u.get('max_entropy_bits', 0):.2f}"]])
     warns = [note(w, "warn") for w in r.get("warnings", [])]
     samples = [s for s in r.get("samples", []) if (check.path / s.get("png", "")).is_file()][: ctx.cfg.check_samples]
-    figs = [figure(embed_file(check.path / s["png"], ctx.cfg.max_image_width, s["key"]),
+    figs = [figure(embed_file(check.path / s["png"], ctx.cfg.max_image_width, s["key"], min_height=ZOOM),
                    f"{s.get('kind', '')} · {s['key']}" + ("" if s.get("psnr") is None else f" · {s['psnr']:.2f} dB"))
             for s in samples]
     usage = check.path / "codebook_usage.png"

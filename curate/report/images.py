@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from PIL import Image
+
 from core.image import DecodeError, decode_rgb
 from core.imageshard import iter_shard
 
 from curate.report.html import Html, esc, img, note
 
-EMBED_AS_IS = 400_000  # bytes: a PNG up to this size is embedded unchanged
 
 
 def thumbnails(wanted: dict[Path, set[str]], side: int) -> dict[tuple[str, str], bytes | str]:
@@ -41,9 +42,7 @@ def _thumb(data: bytes | None, side: int) -> bytes | str:
     except DecodeError as exc:
         return f"undecodable: {exc}"
     image.thumbnail((side, side))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+    return _encode(image, "JPEG")
 
 
 def thumb_html(found: bytes | str | None, alt: str) -> Html:
@@ -53,17 +52,27 @@ def thumb_html(found: bytes | str | None, alt: str) -> Html:
     return note(found or "not read", "warn")
 
 
-def embed_file(path: Path, max_width: int, alt: str) -> Html:
-    """An image file on disk: as it is when small, else decoded and scaled to `max_width`."""
+def embed_file(path: Path, max_width: int, alt: str, min_height: int = 0) -> Html:
+    """An image file on disk, shown at a useful size: a small one (a 64 px reconstruction)
+    enlarged by a whole factor with nearest-neighbour pixels to at least `min_height`, a wide
+    one scaled down to `max_width` (JPEG), any other embedded as it is."""
     data = path.read_bytes()
-    if len(data) <= EMBED_AS_IS and path.suffix.lower() == ".png":
-        return img(data, "image/png", alt)
     try:
         image = decode_rgb(data)
     except DecodeError as exc:
         return note(esc(f"{path.name}: {exc}"), "error")
+    if image.height < min_height:
+        k = -(-min_height // image.height)
+        return img(_encode(image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST), "PNG"),
+                   "image/png", alt)
     if image.width > max_width:
-        image = image.resize((max_width, round(image.height * max_width / image.width)))
+        small = image.resize((max_width, round(image.height * max_width / image.width)), Image.Resampling.LANCZOS)
+        return img(_encode(small, "JPEG"), "image/jpeg", alt)
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(path.suffix.lower())
+    return img(data, mime, alt) if mime else img(_encode(image, "PNG"), "image/png", alt)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=88)
-    return img(buf.getvalue(), "image/jpeg", alt)
+    image.save(buf, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
+    return buf.getvalue()

@@ -16,6 +16,8 @@ from curate.report.discover import Folder
 from curate.report.html import Html, code, details, esc, figure, img, join, note, pre, table, tag
 from curate.report.images import embed_file
 
+ZOOM = 256  # sample grids shorter than this (4 images of 64 px) are enlarged, pixels kept sharp
+
 
 def build(ctx: Context) -> Html:
     runs = ctx.inv.of("train")
@@ -39,7 +41,7 @@ def _one(ctx: Context, f: Folder) -> Html:
                                      "optimizer step"), alt="loss curve", cls="plot"))
     else:
         parts.append(note("No loss logged yet.", "warn"))
-    parts.append(_grids(ctx, f, stage))
+    parts.append(_grids(ctx, f, stage, records))
     if f.config:
         parts.append(details("resolved config (_config.yaml)", pre(yaml.safe_dump(f.config, sort_keys=False))))
     else:
@@ -57,7 +59,7 @@ def _summary(records: list[dict[str, Any]], stage: dict[str, Any]) -> Html:
                    float(statistics.median(rate)) if rate else "-"]])
 
 
-def _grids(ctx: Context, f: Folder, stage: dict[str, Any]) -> Html:
+def _grids(ctx: Context, f: Folder, stage: dict[str, Any], records: list[dict[str, Any]]) -> Html:
     grids = sample_grids(f.path)
     if not grids:
         return note("No sample grid yet (RUN/samples/step_N.png, written every `sample.every` steps).", "warn")
@@ -65,7 +67,9 @@ def _grids(ctx: Context, f: Folder, stage: dict[str, Any]) -> Html:
     prompts = (stage.get("sample") or {}).get("prompts") or []
     head = tag("p", f"Sample grids at {len(shown)} of {len(grids)} steps" +
                (f"; prompts: {' | '.join(map(str, prompts))}" if prompts else ""))
-    figs = [figure(embed_file(p, ctx.cfg.max_image_width, f"step {s}"), f"step {s:,}") for s, p in shown]
+    loss = {r["step"]: r["loss"] for r in records}
+    figs = [figure(embed_file(p, ctx.cfg.max_image_width, f"step {s}", min_height=ZOOM),
+                   f"step {s:,}" + (f" · loss {loss[s]:.3f}" if s in loss else "")) for s, p in shown]
     return join([head, tag("div", join(figs))])
 
 

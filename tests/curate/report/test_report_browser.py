@@ -4,6 +4,7 @@ section, decode every image and log no console error; the screenshot is kept in 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,11 @@ def _browser_module():
 
 
 browser = _browser_module()
-needs_chromium = pytest.mark.skipif(browser.find_chromium() is None, reason=(
-    "no Chromium on PATH (looked for chromium, chromium-browser, google-chrome): "
-    "`apt-get install -y --no-install-recommends chromium` (.ci/run does this)"))
+NO_BROWSER = ("no Chromium on PATH (looked for chromium, chromium-browser, google-chrome): "
+              "`apt-get install -y --no-install-recommends chromium` (.ci/run does this)")
+if browser.find_chromium() is None and os.environ.get("TESSERA_REQUIRE_BROWSER"):
+    raise RuntimeError(NO_BROWSER + "; TESSERA_REQUIRE_BROWSER is set, so this is an error, not a skip")
+needs_chromium = pytest.mark.skipif(browser.find_chromium() is None, reason=NO_BROWSER)
 
 
 @needs_chromium
