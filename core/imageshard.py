@@ -134,6 +134,29 @@ def _read_tar(path: str | os.PathLike, report: ReadReport) -> Iterator[Sample]:
         yield current
 
 
+def read_samples(path: str | os.PathLike, keys: set[str]) -> dict[str, Sample]:
+    """The samples named by `keys` from one shard, reading member headers and seeking past every
+    other member's data, so a few samples of a 10,000-sample shard cost its headers, not its
+    gigabytes. The same members as `iter_shard` are refused; a damaged tar gives what lies
+    before the damage; keys the shard lacks are simply absent from the result."""
+    found: dict[str, Sample] = {}
+    report = ReadReport(str(path))
+    try:
+        with tarfile.open(path, mode="r:*") as tar:  # random access: TarFile.next() seeks header to header
+            for member in tar:
+                key, ext = _split(member.name)
+                if key not in keys:
+                    if len(found) == len(keys):
+                        break  # a sample's members are adjacent: every wanted one is complete
+                    continue
+                if _refusal(member) is None:
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    _attach(found.setdefault(key, Sample(key)), ext, data, member.name, report)
+    except (tarfile.TarError, EOFError, OSError, zlib_error()):
+        pass  # what was read before the damage stands; `iter_shard` is the reader that reports it
+    return {k: s for k, s in found.items() if s.image is not None or s.meta or s.caption is not None}
+
+
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 

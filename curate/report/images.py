@@ -1,8 +1,8 @@
 """Pictures for the page: thumbnails of samples in image shards, and files already on disk
-(check PNGs, sample grids) embedded as they are or scaled down when large.
+(check PNGs, sample grids) embedded at a useful size.
 
-Pixels are decoded by `core.image` (the one safe decoder); the shards are read by
-`core.imageshard`, one pass per shard, stopping once every wanted key was seen.
+Pixels are decoded by `core.image` (the one safe decoder); a shard is read by
+`core.imageshard.read_samples`, which seeks past every member it does not need.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.image import DecodeError, decode_rgb
-from core.imageshard import iter_shard
+from core.imageshard import read_samples
 
 from curate.report.html import Html, esc, img, note
 
@@ -25,14 +25,9 @@ def thumbnails(wanted: dict[Path, set[str]], side: int) -> dict[tuple[str, str],
         if not tar.is_file():
             out.update({(str(tar), k): f"shard {tar.name} is gone" for k in keys})
             continue
-        left = set(keys)
-        for sample in iter_shard(tar):
-            if sample.key in left:
-                left.discard(sample.key)
-                out[(str(tar), sample.key)] = _thumb(sample.image, side)
-                if not left:
-                    break
-        out.update({(str(tar), k): f"key {k} is not in {tar.name}" for k in left})
+        found = read_samples(tar, keys)
+        for k in keys:
+            out[(str(tar), k)] = _thumb(found[k].image, side) if k in found else f"key {k} is not in {tar.name}"
     return out
 
 

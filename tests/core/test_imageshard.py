@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from core.imageshard import ReadReport, Sample, iter_shard, list_shards, write_shard
+from core.imageshard import ReadReport, Sample, iter_shard, list_shards, read_samples, write_shard
 
 
 def samples(n: int) -> list[Sample]:
@@ -84,3 +84,22 @@ def test_invalid_json_member_recorded(tmp_path):
     report = ReadReport("x")
     (s,) = list(iter_shard(tmp_path / "x.tar", report))
     assert s.meta == {} and report.bad_members[0][0] == "0.json"
+
+
+def test_read_samples_takes_only_the_wanted_keys(tmp_path):
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, samples(6))
+    got = read_samples(shard, {"00001", "00004", "nope"})
+    assert sorted(got) == ["00001", "00004"]
+    want = {s.key: s for s in iter_shard(shard)}
+    assert all((g.image, g.caption, g.meta) == (want[k].image, want[k].caption, want[k].meta) for k, g in got.items())
+
+
+def test_read_samples_survives_truncation_and_refuses_unsafe_members(tmp_path):
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, samples(6))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert sorted(read_samples(shard, {"00000", "00005"})) == ["00000"]
+    raw_tar(tmp_path / "bad.tar", [("../00000.jpg", b"x"), ("/abs/00001.jpg", b"y")])
+    assert read_samples(tmp_path / "bad.tar", {"../00000", "/abs/00001", "00000"}) == {}
