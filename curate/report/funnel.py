@@ -14,6 +14,7 @@ from curate.report.query import sql_str
 
 LEDGER_KINDS = ("dedup", "filter", "captions", "download", "neardup", "score", "pretokenize")
 TOP_REASONS = 6  # reasons listed per step; the rest are summed as "other"
+BAR_PX = 260  # bar length of the first step's rows in
 
 
 def build(ctx: Context) -> Html:
@@ -58,13 +59,13 @@ def _table(ctx: Context, folders: list[Folder]) -> Html:
         status = "complete" if f.complete else Html(tag("span", f.status(), cls="note warn"))
         seconds = f"in {f.fused_into}" if f.fused_into else ("" if f.seconds is None else f"{f.seconds:.1f}")
         rows.append([tag("b", f.step), status, c["rows_in"], *[c[s] for s in STATES], _bar(c, scale),
-                     _reason_list(reasons(ctx, f)), seconds, tag("code", f.path.name)])
-    return table(["step", "status", "rows in", *STATES, "", "dropped: reasons", "seconds", "folder"], rows)
+                     _reason_list(reasons(ctx, f)), seconds])
+    return table(["step", "status", "rows in", *STATES, "", "dropped: reasons", "seconds"], rows)
 
 
 def _bar(c: dict[str, int], scale: int) -> Html:
     """A stacked bar of the states, its length the step's rows in against the first step's."""
-    width = max(2.0, 360.0 * c["rows_in"] / scale)
+    width = max(2.0, BAR_PX * c["rows_in"] / scale)
     spans = "".join(f'<span class="s-{s}" style="width:{100.0 * c[s] / max(1, c["rows_in"]):.3f}%" '
                     f'title="{s}: {c[s]:,}"></span>' for s in STATES if c[s])
     return Html(f'<div class="bar" style="width:{width:.1f}px">{spans}</div>')

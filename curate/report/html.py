@@ -113,7 +113,7 @@ header{background:#1d2330;color:#fff;padding:14px 24px}
 header h1{margin:0;font-size:20px} .sub{margin:2px 0 8px;color:#b8c0cc}
 nav a{color:#9cc3ff;margin-right:14px;text-decoration:none} nav a:hover{text-decoration:underline}
 main{padding:8px 24px 40px;max-width:1400px}
-section{background:#fff;border:1px solid #dde1e7;border-radius:6px;margin:16px 0;padding:4px 18px 14px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;margin:16px 0;padding:4px 18px 14px;overflow-x:auto}
 h2{font-size:18px;border-bottom:1px solid #eceff3;padding-bottom:6px} h3{font-size:15px;margin:16px 0 6px}
 table{border-collapse:collapse;margin:6px 0 10px} th,td{border-bottom:1px solid #eceff3;padding:3px 10px;text-align:left;vertical-align:top}
 th{background:#f0f2f5;font-weight:600} td div{white-space:nowrap} td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -125,7 +125,7 @@ img{max-width:100%} .plot{max-width:640px} .wide{max-width:1100px}
 .sheet figure img,.group figure img{width:112px;height:112px;object-fit:cover;border:3px solid #ccc;border-radius:3px}
 figure.kept img{border-color:#2e9d4d!important} figure.dropped img{border-color:#d93025!important}
 .group{border-top:1px dashed #dde1e7;padding:6px 0} .row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
-.bar{display:flex;height:16px;min-width:2px;border-radius:2px;overflow:hidden;background:#eee;width:360px}
+.bar{display:flex;height:16px;min-width:2px;border-radius:2px;overflow:hidden;background:#eee}
 .bar span{display:block;height:100%} .s-kept{background:#2e9d4d} .s-filtered{background:#e8a23a}
 .s-duplicate{background:#8e63c7} .s-failed{background:#d93025} .key span{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
 pre{background:#f4f5f7;padding:8px;overflow:auto;max-height:420px;font-size:12px}
