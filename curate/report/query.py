@@ -1,8 +1,8 @@
 """duckdb over a run folder's parquet files: exact histograms and counts in bounded memory.
 
-Nothing is loaded into Python row by row: a histogram is two aggregate scans (range, then
-duckdb's `histogram(x, boundaries)`) reading only the columns it needs, under the
-connection's memory limit, so a 10M-row folder costs seconds and a few hundred MB.
+Nothing is loaded into Python row by row: histograms are aggregate scans (the ranges of all
+expressions in one, then a GROUP BY on the bin number per expression) reading only the
+columns they need, under the connection's memory limit, so a 10M-row folder costs seconds.
 """
 from __future__ import annotations
 
@@ -49,12 +49,14 @@ class Histogram:
     missing: dict[str, int]  # side -> rows whose value is null, NaN or infinite
 
 
-def value_range(con: duckdb.DuckDBPyConnection, src: str, expr: str) -> tuple[float | None, float | None, int, int]:
-    """(min, max) of the finite values of `expr` over relation `src`, rows, and rows without one."""
-    lo, hi, n, bad = con.execute(
-        f"SELECT min(v) FILTER (isfinite(v)), max(v) FILTER (isfinite(v)), count(*), "
-        f"count(*) FILTER (v IS NULL OR NOT isfinite(v)) FROM (SELECT ({expr})::DOUBLE AS v FROM {src})").fetchone()
-    return lo, hi, int(n), int(bad)
+def ranges(con: duckdb.DuckDBPyConnection, src: str, exprs: dict[str, str]) -> dict[str, tuple[float | None, float | None, int, int]]:
+    """name -> (min, max) of the finite values of its expression over relation `src`, rows,
+    and rows without a finite value; every expression in one scan."""
+    cols = ", ".join(f"({e})::DOUBLE AS v{i}" for i, e in enumerate(exprs.values()))
+    fin = "CASE WHEN isfinite(v{0}) THEN v{0} END"
+    aggs = ", ".join(f"min({fin.format(i)}), max({fin.format(i)}), count(*) - count({fin.format(i)})" for i in range(len(exprs)))
+    row = con.execute(f"SELECT count(*), {aggs} FROM (SELECT {cols} FROM {src})").fetchone()
+    return {name: (row[1 + 3 * i], row[2 + 3 * i], int(row[0]), int(row[3 + 3 * i])) for i, name in enumerate(exprs)}
 
 
 def edges_for(lo: float, hi: float, bins: int, include: list[float] = ()) -> np.ndarray:
@@ -65,34 +67,32 @@ def edges_for(lo: float, hi: float, bins: int, include: list[float] = ()) -> np.
     return np.linspace(lo, hi, bins + 1)
 
 
-def counts(con: duckdb.DuckDBPyConnection, src: str, expr: str, edges: np.ndarray) -> np.ndarray:
-    """Rows of relation `src` per bin (edges[i], edges[i+1]] (the first bin also takes edges[0]);
-    values outside the edges are clipped into the end bins."""
-    bounds = "[" + ", ".join(repr(float(e)) for e in edges[1:]) + "]::DOUBLE[]"
-    # Clip after dropping null/NaN/inf: duckdb's greatest() skips a NULL argument (NULL -> edges[0]).
-    clipped = f"least(greatest(v, {float(edges[0])!r}), {float(edges[-1])!r})"
-    (hist,) = con.execute(f"SELECT histogram({clipped}, {bounds}) FROM (SELECT ({expr})::DOUBLE AS v FROM {src}) "
-                          "WHERE isfinite(v)").fetchone()
-    out = np.zeros(len(edges) - 1, dtype=np.int64)
-    index = {float(e): i for i, e in enumerate(edges[1:])}
-    for bound, n in (hist or {}).items():
-        if float(bound) in index:
-            out[index[float(bound)]] = n
+def counts(con: duckdb.DuckDBPyConnection, src: str, exprs: dict[str, str], edges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """name -> rows of relation `src` per bin of its equal-width `edges` ([a, b), the last bin
+    closed, as numpy's); values outside the edges are clipped into the end bins. One GROUP BY
+    on the bin number per expression: duckdb's histogram(x, boundaries) was 2x slower here."""
+    return {n: _bin_counts(con, src, exprs[n], e) for n, e in edges.items()}
+
+
+def _bin_counts(con: duckdb.DuckDBPyConnection, src: str, expr: str, edges: np.ndarray) -> np.ndarray:
+    n, lo, width = len(edges) - 1, float(edges[0]), float(edges[1] - edges[0])
+    rows = con.execute(
+        f"SELECT least(greatest(floor((v - {lo!r}) / {width!r}), 0), {n - 1})::INTEGER AS b, count(*) "
+        f"FROM (SELECT ({expr})::DOUBLE AS v FROM {src}) WHERE isfinite(v) GROUP BY b").fetchall()
+    out = np.zeros(n, dtype=np.int64)
+    for b, c in rows:
+        out[b] = c
     return out
 
 
-def histogram(con: duckdb.DuckDBPyConnection, sides: dict[str, str], expr: str, bins: int,
-              include: list[float] = ()) -> Histogram | None:
-    """One histogram of `expr` per side (name -> relation), on bins fitted to the first side's
-    range; None when the first side has no finite value."""
-    ranges = {side: value_range(con, src, expr) for side, src in sides.items()}
-    lo, hi, _, _ = next(iter(ranges.values()))
-    if lo is None:
-        return None
-    edges = edges_for(lo, hi, bins, list(include))
-    return Histogram(edges, {side: counts(con, src, expr, edges) for side, src in sides.items()},
-                     {side: r[2] for side, r in ranges.items()}, {side: r[3] for side, r in ranges.items()})
-
-
-def grouped(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple]:
-    return con.execute(sql).fetchall()
+def histograms(con: duckdb.DuckDBPyConnection, sides: dict[str, str], exprs: dict[str, str], bins: int,
+               include: dict[str, list[float]] | None = None) -> dict[str, Histogram | None]:
+    """name -> a histogram of its expression per side (side -> relation), on bins fitted to
+    the first side's range (widened to `include[name]`); None when the first side has no
+    finite value. Per side: one scan for all ranges, one GROUP BY per expression."""
+    found = {side: ranges(con, src, exprs) for side, src in sides.items()}
+    first = next(iter(found.values()))
+    edges = {n: edges_for(first[n][0], first[n][1], bins, (include or {}).get(n, [])) for n in exprs if first[n][0] is not None}
+    binned = {side: counts(con, src, exprs, edges) for side, src in sides.items()} if edges else {}
+    return {n: Histogram(edges[n], {side: binned[side][n] for side in sides}, {side: found[side][n][2] for side in sides},
+                         {side: found[side][n][3] for side in sides}) if n in edges else None for n in exprs}

@@ -1,8 +1,8 @@
 """Section "scores": aesthetic, pwatermark, punsafe and similarity histograms before (the filter
 step's input) and after (its output) filtering, with the filter's thresholds drawn.
 
-Exact counts by duckdb over the parquet files (query.histogram), not a sample: two column
-scans per side.
+Exact counts by duckdb over the parquet files (query.histograms), not a sample: per side one
+scan for the four ranges, then one GROUP BY on the bin number per column.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from curate.report import plots
 from curate.report.context import Context
 from curate.report.discover import Folder
 from curate.report.html import Html, code, img, join, note, tag
-from curate.report.query import column, data_files, histogram, ident, scan, sql_str
-from curate.report.thresholds import SCORE_COLUMNS, score_thresholds
+from curate.report.query import Histogram, column, data_files, histograms, ident, scan, sql_str
+from curate.report.thresholds import SCORE_COLUMNS, Threshold, score_thresholds
 
 BEFORE, AFTER = "#c9ced6", "#1f6fd1"
 
@@ -44,24 +44,24 @@ def _one(ctx: Context, f: Folder) -> Html:
     head = [title]
     if not f.complete:
         head.append(note(f"{f.status()}: 'after' holds the parts written so far.", "warn"))
-    marks = {t.column: t for t in score_thresholds(f.settings)}
-    plots_html = []
-    for name in SCORE_COLUMNS:
-        col_in = column(ctx.con, before, name)
-        if col_in is None:
-            continue
-        col_out = column(ctx.con, after, name)
-        sides = {"before": f"(SELECT {ident(col_in)} AS x FROM {scan(before)})"}
-        if col_out is not None:
-            sides["after"] = f"(SELECT {ident(col_out)} AS x FROM {scan(after)})"
-        plots_html.append(_plot(ctx, name, sides, marks.get(name)))
-    if not plots_html:
+    stored = {n: c for n in SCORE_COLUMNS if (c := column(ctx.con, before, n))}
+    if not stored:
         return join(head) + note("The filter's input has none of the columns " + ", ".join(SCORE_COLUMNS) + ".", "warn")
-    return join(head + [tag("div", join(plots_html), cls="row")])
+    sides = {"before": _relation(before, stored)}
+    if after:
+        sides["after"] = _relation(after, {n: column(ctx.con, after, n) for n in stored})
+    marks = {t.column: t for t in score_thresholds(f.settings)}
+    hists = histograms(ctx.con, sides, {n: n for n in stored}, ctx.cfg.bins, {n: [t.value] for n, t in marks.items()})
+    return join(head + [tag("div", join(_plot(n, hists[n], marks.get(n)) for n in stored), cls="row")])
 
 
-def _plot(ctx: Context, name: str, sides: dict[str, str], mark) -> Html:
-    h = histogram(ctx.con, sides, "x", ctx.cfg.bins, [mark.value] if mark else [])
+def _relation(files: list[str], stored: dict[str, str | None]) -> str:
+    """The score columns of `files` under their LAION names (NULL where a file set lacks one)."""
+    cols = ", ".join(f"{ident(c) if c else 'NULL'} AS {n}" for n, c in stored.items())
+    return f"(SELECT {cols} FROM {scan(files)})"
+
+
+def _plot(name: str, h: Histogram | None, mark: Threshold | None) -> Html:
     if h is None:
         return note(f"{name}: no finite value in the filter's input.", "warn")
     series = [plots.Series(f"{side}: {h.rows[side] - h.missing[side]:,} rows", h.counts[side], BEFORE if side == "before" else AFTER)

@@ -68,17 +68,22 @@ def test_funnel_counts_and_reasons_come_from_stats_and_ledgers(page, chain) -> N
 def test_histograms_are_exact_counts_on_shared_bins() -> None:
     import duckdb
 
-    from curate.report.query import histogram
+    from curate.report.query import histograms
 
     rng = np.random.default_rng(0)
     x = np.r_[rng.normal(5, 1, 5000), [np.nan] * 7]
+    y = np.r_[rng.uniform(0, 1, 5005), [np.inf, None]].astype(float)
     con = duckdb.connect()
-    con.register("t", {"x": x})
-    h = histogram(con, {"before": "t", "after": "(SELECT x FROM t WHERE x >= 4.5)"}, "x", 20, [4.5])
-    assert h.missing == {"before": 7, "after": 0} and h.rows["before"] == 5007
+    con.register("t", {"x": x, "y": y, "z": np.full(5007, np.nan)})
+    hs = histograms(con, {"before": "t", "after": "(SELECT * FROM t WHERE x >= 4.5)"}, {"x": "x", "y": "y", "z": "z"},
+                    20, {"x": [4.5], "y": [1.5]})
+    h = hs["x"]
+    assert h.missing == {"before": 7, "after": 0} and h.rows["before"] == 5007 and hs["z"] is None
     finite = x[np.isfinite(x)]
     want, _ = np.histogram(finite, h.edges)
     assert np.array_equal(h.counts["before"], want) and h.counts["after"].sum() == (finite >= 4.5).sum()
+    assert hs["y"].edges[-1] == 1.5 and hs["y"].missing["before"] == 2  # widened to the threshold; inf and NaN
+    assert np.array_equal(hs["y"].counts["before"], np.histogram(y[np.isfinite(y)], hs["y"].edges)[0])
 
 
 def test_scores_and_captions_sections(page) -> None:
