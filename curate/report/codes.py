@@ -36,8 +36,12 @@ def build(ctx: Context) -> Html:
 
 
 def _checked_folder(check: Folder) -> Path | None:
+    """The code folder a check looked at: the parent of a default CODES/_check, else the
+    `input` check.json records (as it was given, so relative to where the check ran)."""
+    if (check.path.parent / MANIFEST).is_file() and check.path.name == "_check":
+        return check.path.parent.resolve()
     recorded = _read_check(check).get("input")
-    return Path(recorded).resolve() if recorded else check.path.parent.resolve()
+    return Path(recorded).resolve() if recorded else None
 
 
 def _read_check(check: Folder) -> dict[str, Any]:

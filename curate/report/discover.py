@@ -26,6 +26,7 @@ SUMMARY, MANIFEST, METRICS, CHECK = "_summary.json", "manifest.json", "metrics.j
 # Stage order used to list folders that no pipeline summary orders.
 ORDER = ("dedup", "filter", "captions", "download", "neardup", "score", "pretokenize", "check", "train")
 MAX_DEPTH = 3  # levels searched below a folder that is not itself a record
+UNRECORDED = ("train", "check")  # kinds whose writers leave no _stats.json (nothing to be unfinished)
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ class Folder:
         return _count(self.path / DONE), _count(self.path / FAILED)
 
     def status(self) -> str:
-        """"complete", or what an unfinished step has done so far."""
-        if self.complete or self.kind in ("train", "check"):
-            return "complete" if self.complete else "-"
+        """"complete", or what an unfinished step has done so far ("" for UNRECORDED kinds)."""
+        if self.complete or self.kind in UNRECORDED:
+            return "complete" if self.complete else ""
         done, failed = self.units()
         return f"unfinished ({done} units done" + (f", {failed} failed" if failed else "") + f"; no {STATS})"
 
@@ -70,18 +71,10 @@ class Folder:
 @dataclass
 class Inventory:
     folders: list[Folder] = field(default_factory=list)
-    pipelines: list[tuple[str, Path]] = field(default_factory=list)  # (name, output root)
     problems: list[str] = field(default_factory=list)  # folders given that hold no record
 
     def of(self, *kinds: str) -> list[Folder]:
         return [f for f in self.folders if f.kind in kinds]
-
-    def find(self, path: Path | None) -> Folder | None:
-        """The folder at `path` among those found (None when it was not given)."""
-        if path is None:
-            return None
-        key = _key(path)
-        return next((f for f in self.folders if _key(f.path) == key), None)
 
 
 def discover(paths: list[str | os.PathLike]) -> Inventory:
@@ -132,7 +125,6 @@ def _add_pipeline(root: Path, inv: Inventory, seen: set[str]) -> None:
     """The steps a `curate run` summary lists, in its order, with their recorded times."""
     summary = json.loads((root / SUMMARY).read_text())
     name = str(summary.get("pipeline") or root.name)
-    inv.pipelines.append((name, root))
     for entry in summary.get("steps", []):
         path = _step_folder(root, str(entry.get("output", "")))
         folder = read_folder(path) if path else None
@@ -164,7 +156,7 @@ def read_folder(path: Path) -> Folder | None:
     kind = "train" if step.startswith("train") else step
     if kind not in ORDER:
         return None
-    stats = _json(path / STATS) if kind not in ("train", "check") else None
+    stats = _json(path / STATS) if kind not in UNRECORDED else None
     return Folder(path.absolute(), kind, step, config, stats)
 
 

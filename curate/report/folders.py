@@ -20,9 +20,7 @@ def build(ctx: Context) -> Html:
 
 
 def _state(f: Folder) -> str:
-    if f.kind in ("train", "check"):
-        return "run folder" if f.kind == "train" else "check output"
-    return f.status()
+    return {"train": "run folder", "check": "check output"}.get(f.kind) or f.status()
 
 
 def _counts(f: Folder) -> str:

@@ -28,7 +28,7 @@ def build(ctx: Context) -> Html:
         Html(f'<span class="s-{s}"></span>{s}') for s in STATES] + [Html("</span>")]))
     parts = [legend]
     for name, members in groups.items():
-        parts.append(tag("h3", f"pipeline {name}" if name else "step folders"))
+        parts.append(tag("h3", f"pipeline {name}" if name else "step folders outside a pipeline" if len(groups) > 1 else "step folders"))
         parts.append(_table(ctx, members))
     return join(parts)
 
