@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from curate.report import plots
 from curate.report.context import Context
 from curate.report.discover import Folder
-from curate.report.html import Html, code, img, join, note, table, tag
+from curate.report.html import Html, code, figure, img, join, note, table, tag
 from curate.report.query import column, data_files
 from curate.report.sample import column_sample
 
@@ -70,10 +70,11 @@ def _plot(ctx: Context, files: list[str], name: str) -> Html:
     hi = int(np.quantile(words, CLIP_QUANTILE))
     edges = word_edges(hi, ctx.cfg.bins)
     counts = np.histogram(np.minimum(words, edges[-1] - 0.5), edges)[0]
-    read = "all rows" if sample.sampled_rows == sample.rows else f"{sample.sampled_rows:,} rows read at a fixed stride"
-    series = [plots.Series(f"{words.size:,} captions ({read}); {present} of {sample.rows:,} rows have one", counts, "#1f6fd1")]
+    read = "every row" if sample.sampled_rows == sample.rows else f"{sample.sampled_rows:,} rows read at a fixed stride"
+    series = [plots.Series(f"{words.size:,} captions", counts, "#1f6fd1")]
     title = f"{name}: words per caption (last bin: ≥ {edges[-2] + 0.5:g})"
-    return img(plots.histogram(edges, series, title, "words"), alt=f"{name} length histogram", cls="plot")
+    plot = img(plots.histogram(edges, series, title, "words"), alt=f"{name} length histogram", cls="plot")
+    return figure(plot, f"{present} of {sample.rows:,} rows have a {name}; lengths from {read}", cls="plotfig")
 
 
 def word_counts(text: pa.ChunkedArray) -> np.ndarray:

@@ -56,11 +56,11 @@ def _table(ctx: Context, folders: list[Folder]) -> Html:
     for f in folders:
         c = state_counts(f)
         scale = scale or c["rows_in"] or 1  # bars are drawn against the first step's rows in
-        status = "complete" if f.complete else Html(tag("span", f.status(), cls="note warn"))
+        step = tag("b", f.step) if f.complete else join([tag("b", f.step), tag("div", f.status(), cls="note warn")])
         seconds = f"in {f.fused_into}" if f.fused_into else ("" if f.seconds is None else f"{f.seconds:.1f}")
-        rows.append([tag("b", f.step), status, c["rows_in"], *[c[s] for s in STATES], _bar(c, scale),
+        rows.append([step, c["rows_in"], *[c[s] for s in STATES], _bar(c, scale),
                      _reason_list(reasons(ctx, f)), seconds])
-    return table(["step", "status", "rows in", *STATES, "", "dropped: reasons", "seconds"], rows)
+    return table(["step", "rows in", *STATES, "", "dropped: reasons", "seconds"], rows)
 
 
 def _bar(c: dict[str, int], scale: int) -> Html:

@@ -120,7 +120,7 @@ th{background:#f0f2f5;font-weight:600} td div{white-space:nowrap} td.num{text-al
 .note{padding:6px 10px;border-radius:4px;margin:6px 0} .note.info{background:#eef1f5}
 .note.warn{background:#fff4d6;border-left:4px solid #e0a800} .note.error{background:#fde2e1;border-left:4px solid #d93025}
 figure{display:inline-block;margin:4px;vertical-align:top;text-align:center}
-figcaption{font-size:12px;color:#555;max-width:220px;overflow-wrap:anywhere}
+figcaption{font-size:12px;color:#555;max-width:220px;overflow-wrap:anywhere} figure.plotfig figcaption{max-width:620px}
 img{max-width:100%} .plot{max-width:640px} .wide{max-width:1100px}
 .sheet figure img,.group figure img{width:112px;height:112px;object-fit:cover;border:3px solid #ccc;border-radius:3px}
 figure.kept img{border-color:#2e9d4d!important} figure.dropped img{border-color:#d93025!important}

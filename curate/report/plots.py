@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 DPI = 80
 # Fixed margins: a "tight" layout draws every figure twice (half the report's plotting time).
@@ -22,6 +23,14 @@ class Series:
     label: str
     counts: np.ndarray  # (bins,) counts per bin
     color: str
+
+
+def compact(value: float, _pos: object = None) -> str:
+    """Axis numbers as 800, 12k, 2.5M: short labels, and no "1e6" offset over the title."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
 
 
 def png(fig: Figure) -> bytes:
@@ -42,9 +51,11 @@ def histogram(edges: np.ndarray, series: list[Series], title: str, xlabel: str,
         ax.stairs(s.counts, edges, label=s.label, color=s.color, fill=s.color == "#c9ced6", linewidth=1.6)
     for value, label in thresholds:
         ax.axvline(value, color="#d93025", linestyle="--", linewidth=1.4, label=label)
-    ax.set(title=title, xlabel=xlabel, ylabel="rows")
+    ax.set(xlabel=xlabel, ylabel="rows")
+    ax.set_title(title, fontsize=10)
     if log:
         ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(compact))
     ax.legend(fontsize=8, frameon=False)
     return png(fig)
 
