@@ -127,10 +127,13 @@ def test_unfinished_and_missing_data_are_shown_not_fatal(chain, tmp_path) -> Non
     (root / "captions" / "_stats.json").unlink()  # the step did not finish
     for part in sorted((root / "captions" / "_ledger").glob("*.parquet"))[1:]:
         part.unlink()
+    shutil.copytree(chain["download"], root / "download")
+    (root / "download" / "_stats.json").unlink()
     html_path = tmp_path / "r.html"
     done = build_report(ReportConfig(), [root], html_path)
     html = html_path.read_text()
     assert "unfinished (" in section(html, "captions") and "unfinished (" in section(html, "funnel")
+    assert "unfinished (2 units done; no _stats.json): failures recorded so far" in section(html, "download")
     assert "No `curate neardup` folder" in section(html, "neardup")
     assert "No train run folder" in section(html, "training")
     assert not done["problems"]
