@@ -173,6 +173,33 @@ def _too_big(member: tarfile.TarInfo, limit: int) -> str | None:
     return f"{member.size} bytes, over the {limit}-byte cap" if member.size > limit else None
 
 
+def read_samples(path: str | os.PathLike, keys: set[str]) -> dict[str, Sample]:
+    """The samples named by `keys` from one shard, reading member headers and seeking past every
+    other member's data, so a few samples of a 10,000-sample shard cost its headers, not its
+    gigabytes. The same members as `iter_shard` are refused; a damaged tar gives what lies
+    before the damage; keys the shard lacks are simply absent from the result."""
+    found: dict[str, Sample] = {}
+    report = ReadReport(str(path))
+    if compression(path):
+        return found  # refused whole, as iter_shard refuses it
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # random access: TarFile.next() seeks header to header
+            for member in tar:
+                key, ext = _split(member.name)
+                if key not in keys:
+                    if len(found) == len(keys):
+                        break  # a sample's members are adjacent: every wanted one is complete
+                    continue
+                if _refusal(member) is None and _too_big(member, MAX_MEMBER_BYTES) is None:
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    _attach(found.setdefault(key, Sample(key)), ext, data, member.name, report)
+    except (tarfile.TarError, EOFError, OSError, zlib_error()):
+        pass  # what was read before the damage stands; `iter_shard` is the reader that reports it
+    return {k: s for k, s in found.items() if s.image is not None or s.meta or s.caption is not None}
+
+
+
+
 def _check_end_marker(path: str | os.PathLike, offset: int) -> None:
     """An uncompressed tar cut exactly at a member boundary reads as a clean end in stream mode;
     a complete one has two zero blocks (the end-of-archive marker) where the next header would be."""

@@ -257,4 +257,30 @@ def score(
     Console().print(f"scored {', '.join(stats['scores'])} into {output}/*.parquet")
 
 
+@app.command("report")
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders: a step's output, a `curate run` output root, a code folder, a train run folder, or any folder above them"),
+    output: Path = typer.Option(..., "--output", "-o", help="the HTML file to write (self-contained: images embedded)"),
+    images_per_side: Optional[int] = typer.Option(None, "--images-per-side", help="contact-sheet images on each side of a threshold [default: 6]"),
+    groups: Optional[int] = typer.Option(None, "--groups", help="near-duplicate groups shown, largest first [default: 8]"),
+    config_path: Optional[Path] = ConfigOpt,
+) -> None:
+    """One self-contained HTML page of what the runs did: the funnel of every step, score
+    histograms with the thresholds, captions, images at each threshold, near-duplicate
+    groups, download failures, tokenizer check, training loss and samples, and every
+    folder's resolved settings. Reads the folders' files only; no network, no model."""
+    from curate.report.build import build_report
+    from curate.report.context import ReportConfig
+
+    with user_errors():
+        doc = config.load_yaml(config_path)
+        cfg = config.merge(ReportConfig, config.section(doc, "curate.report"),
+                           config.given(dict(images_per_side=images_per_side, groups=groups)), where="curate report")
+        done = build_report(cfg, run_dirs, output)
+    for line in done["problems"]:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True, highlight=False)
+    Console().print(f"wrote {done['path']} ({done['bytes'] / 1e6:.2f} MB, {len(done['folders'])} run folders, "
+                    f"{done['seconds']:.1f} s)", soft_wrap=True, highlight=False)
+
+
 tidy_help(app)

@@ -43,3 +43,7 @@ lines = [json.loads(l) for l in open("demo/train/metrics.jsonl") if '"loss"' in 
 print(f"   train: loss {lines[0]['loss']:.3f} (step {lines[0]['step']}) -> {lines[-1]['loss']:.3f} (step {lines[-1]['step']}); run folder demo/train")
 print("  sample: demo/samples.png")
 PY
+
+step "report: every step above on one self-contained page"
+$BIN/curate report demo -o demo/report.html
+echo "open demo/report.html in a browser"

@@ -110,3 +110,17 @@ def test_each_step_has_one_name_everywhere() -> None:
         assert step.name == name and name in module.split("."), (name, module)
         assert name in commands, f"no `curate {name}` command"
         assert step.section == f"curate.{name}" and name in sections, f"no curate.{name} in pipelines.yaml"
+
+
+def test_the_report_reads_every_stage_but_imports_only_core_and_curate_definitions() -> None:
+    """curate/report reads pretokenize's and train's files (check.json, metrics.jsonl, PNGs)
+    through core; from curate it takes only the filter's rule table and the duckdb set-up."""
+    allowed = ("curate.report", "curate.metadata.filter", "curate.metadata.io")
+    offenders = {}
+    for p in modules_of("curate/report"):
+        bad = sorted(m for m in imported_modules(p)
+                     if m.split(".")[0] in STAGES and m != "curate"
+                     and not any(m == a or m.startswith(a + ".") for a in allowed))
+        if bad:
+            offenders[str(p.relative_to(ROOT))] = bad
+    assert modules_of("curate/report") and not offenders, offenders

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from core import atomic
+from core.trainlog import METRICS, read_records  # noqa: F401  (the log's format lives in core)
 
-METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 
 
@@ -27,21 +27,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -
     if not peak_flops:
         return None
     return tokens_per_s * flops_per_token / peak_flops
-
-
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:  # only the last line may be cut short (a killed run)
-                raise
-    return records
 
 
 class MetricsLog:

@@ -23,6 +23,7 @@ from core.codeshard import Manifest
 from core.config import ConfigError, to_dict
 from core.progress import make_progress
 from core.rundir import RunDir
+from core.trainlog import sample_path
 from train import checkpoint, distributed, release
 from train.convention import CONVENTIONS, Convention
 from train.data import Batch, CodeLoader, check_manifest, open_dataset, typical_micro_conds
@@ -257,7 +258,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         images = decode_vq(self.vq, codes) if self.vq is not None else codes_to_colors(codes, self.model_cfg.codebook_size)
-        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png")
+        return save_grid(images, sample_path(self.run_dir, self.step))
 
     # ---------------------------------------------------------------- set-up helpers
     def _open_run_dir(self) -> str:

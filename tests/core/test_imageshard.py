@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from core.imageshard import ReadReport, Sample, iter_shard, list_shards, write_shard
+from core.imageshard import ReadReport, Sample, iter_shard, list_shards, read_samples, write_shard
 
 
 def samples(n: int) -> list[Sample]:
@@ -113,3 +113,22 @@ def test_a_key_met_again_is_recorded_and_read_once(tmp_path):
     got = list(iter_shard(tmp_path / "s.tar", report))
     assert [(s.key, s.caption) for s in got] == [("a", "first"), ("b", "b")]
     assert report.duplicates == ["a"] and report.unread()[0][:2] == ("a", "duplicate_key")
+
+
+def test_read_samples_takes_only_the_wanted_keys(tmp_path):
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, samples(6))
+    got = read_samples(shard, {"00001", "00004", "nope"})
+    assert sorted(got) == ["00001", "00004"]
+    want = {s.key: s for s in iter_shard(shard)}
+    assert all((g.image, g.caption, g.meta) == (want[k].image, want[k].caption, want[k].meta) for k, g in got.items())
+
+
+def test_read_samples_survives_truncation_and_refuses_unsafe_members(tmp_path):
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, samples(6))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert sorted(read_samples(shard, {"00000", "00005"})) == ["00000"]
+    raw_tar(tmp_path / "bad.tar", [("../00000.jpg", b"x"), ("/abs/00001.jpg", b"y")])
+    assert read_samples(tmp_path / "bad.tar", {"../00000", "/abs/00001", "00000"}) == {}

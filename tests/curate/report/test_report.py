@@ -1,0 +1,196 @@
+"""`curate report` over a small real run (conftest.chain): every section built from the folders'
+files, folders found by their records, unfinished and missing data shown rather than crashing."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from curate.report.build import SECTIONS, build_report
+from curate.report.context import ReportConfig
+from curate.report.discover import discover
+
+
+@pytest.fixture(scope="module")
+def page(chain, tmp_path_factory) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    done = build_report(ReportConfig(), [chain["root"]], out)
+    return out.read_text(), done
+
+
+def section(html: str, sid: str) -> str:
+    m = re.search(f'<section id="{sid}".*?</section>', html, re.S)
+    assert m, f"no section {sid}"
+    return m.group(0)
+
+
+def test_every_folder_is_found_by_its_record_and_pipeline_steps_keep_their_order(chain) -> None:
+    inv = discover([chain["root"]])
+    kinds = [(f.pipeline, f.kind) for f in inv.folders]
+    assert kinds == [("t", "dedup"), ("t", "filter"), ("t", "captions"), (None, "download"), (None, "neardup"),
+                     (None, "score"), (None, "pretokenize"), (None, "check"), (None, "train")]
+    assert [f.fused_into for f in inv.folders[:2]] == [None, "dedup"]  # curate run fused filter into dedup
+    assert not inv.problems  # laion/ (plain parquet) and vq/ hold no record and are passed over quietly
+
+
+def test_a_folder_is_recognised_by_what_it_holds_not_its_name(chain, tmp_path) -> None:
+    odd = tmp_path / "whatever"
+    shutil.copytree(chain["meta"] / "filter", odd)
+    (tmp_path / "plain").mkdir()
+    inv = discover([odd, tmp_path / "plain"])
+    assert [f.kind for f in inv.folders] == ["filter"]
+    assert inv.problems == [f"{tmp_path / 'plain'}: no run folder found in it (no _config.yaml, _summary.json, "
+                            "manifest.json, metrics.jsonl or check.json)"]
+
+
+def test_the_page_has_every_section_and_is_self_contained(page) -> None:
+    html, done = page
+    assert done["sections"] == [sid for sid, _, _ in SECTIONS] and not done["problems"]
+    assert "<script" not in html and "Content-Security-Policy" in html
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert sources and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in sources)
+    assert not re.search(r'(href|src)="(https?:)?//', html)
+
+
+def test_funnel_counts_and_reasons_come_from_stats_and_ledgers(page, chain) -> None:
+    funnel = section(page[0], "funnel")
+    stats = json.loads((chain["meta"] / "filter" / "_stats.json").read_text())
+    assert f"{stats['rows_in']:,}" in funnel and f"{stats['kept']:,}" in funnel
+    assert f"aesthetic (filtered): {stats['reasons']['aesthetic']:,}" in funnel
+    assert "http_404 (failed): 1" in funnel and "placeholder (filtered): 3" in funnel
+    assert "in dedup" in funnel  # the fused step says where its time went
+
+
+def test_histograms_are_exact_counts_on_shared_bins() -> None:
+    import duckdb
+
+    from curate.report.query import histograms
+
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(5, 1, 5000), [np.nan] * 7]
+    y = np.r_[rng.uniform(0, 1, 5005), [np.inf, None]].astype(float)
+    con = duckdb.connect()
+    con.register("t", {"x": x, "y": y, "z": np.full(5007, np.nan)})
+    hs = histograms(con, {"before": "t", "after": "(SELECT * FROM t WHERE x >= 4.5)"}, {"x": "x", "y": "y", "z": "z"},
+                    20, {"x": [4.5], "y": [1.5]})
+    h = hs["x"]
+    assert h.missing == {"before": 7, "after": 0} and h.rows["before"] == 5007 and hs["z"] is None
+    finite = x[np.isfinite(x)]
+    want, _ = np.histogram(finite, h.edges)
+    assert np.array_equal(h.counts["before"], want) and h.counts["after"].sum() == (finite >= 4.5).sum()
+    assert hs["y"].edges[-1] == 1.5 and hs["y"].missing["before"] == 2  # widened to the threshold; inf and NaN
+    assert np.array_equal(hs["y"].counts["before"], np.histogram(y[np.isfinite(y)], hs["y"].edges)[0])
+
+
+def test_scores_and_captions_sections(page) -> None:
+    scores, captions = section(page[0], "scores"), section(page[0], "captions")
+    assert scores.count('alt="') == 4  # aesthetic, pwatermark, punsafe, similarity
+    assert "matched a long caption" in captions and captions.count("<img") == 2
+
+
+def test_contact_sheets_show_the_images_nearest_each_threshold(page) -> None:
+    sheets = section(page[0], "thresholds")
+    # aesthetic >= 4.5 keeps 4.52 (retina), 4.55, 4.6 ... nearest first; drops 4.4, 4.3, 3.9.
+    # Every downloaded image counts, near-duplicates too (4.55 is coffee's, dropped by neardup).
+    kept = re.search(r"kept \(aesthetic ≥ 4.5\)(.*?)dropped \(aesthetic &lt; 4.5\)(.*?)</div></div>", sheets, re.S)
+    assert kept, sheets[:2000]
+    values = lambda s: [float(v) for v in re.findall(r"aesthetic ([0-9.]+) ·", s)]  # noqa: E731
+    assert values(kept.group(1))[:3] == [4.52, 4.55, 4.6]
+    assert values(kept.group(2)) == [4.4, 4.3, 3.9]
+    assert "kept (punsafe ≤ 0.5)" in sheets  # Open-NSFW's image scores, from the score folder
+    assert "scores from score" in sheets
+
+
+def test_neardup_groups_put_kept_beside_dropped_and_show_placeholders(page) -> None:
+    nd = section(page[0], "neardup")
+    assert 'class="kept"' in nd and 'class="dropped"' in nd
+    assert "placeholder groups (1)" in nd and "3 images, 3 hosts" in nd
+
+
+def test_download_pretokenize_and_training_sections(page) -> None:
+    html = page[0]
+    assert "http_404" in section(html, "download") and "dead.org" in section(html, "download")
+    pre = section(html, "pretokenize")
+    assert "mean PSNR" in pre and "input | reconstruction" in pre and "codebook usage" in pre
+    train = section(html, "training")
+    assert "alt=\"loss curve\"" in train and "step 2" in train and "step 4" in train and "resolved config" in train
+
+
+def test_unfinished_and_missing_data_are_shown_not_fatal(chain, tmp_path) -> None:
+    root = tmp_path / "partial"
+    for name in ("filter", "captions"):
+        shutil.copytree(chain["meta"] / name, root / name)
+    (root / "captions" / "_stats.json").unlink()  # the step did not finish
+    for part in sorted((root / "captions" / "_ledger").glob("*.parquet"))[1:]:
+        part.unlink()
+    shutil.copytree(chain["download"], root / "download")
+    (root / "download" / "_stats.json").unlink()
+    html_path = tmp_path / "r.html"
+    done = build_report(ReportConfig(), [root], html_path)
+    html = html_path.read_text()
+    assert "unfinished (" in section(html, "captions") and "unfinished (" in section(html, "funnel")
+    assert "unfinished (2 units done; no _stats.json): failures recorded so far" in section(html, "download")
+    assert "No `curate neardup` folder" in section(html, "neardup")
+    assert "No train run folder" in section(html, "training")
+    assert not done["problems"]
+
+
+def test_damaged_file_is_named_in_the_page_and_the_rest_is_built(chain, tmp_path) -> None:
+    root = tmp_path / "damaged"
+    shutil.copytree(chain["neardup"], root / "neardup")
+    (root / "neardup" / "_groups.parquet").write_bytes(b"not parquet")
+    done = build_report(ReportConfig(), [root], tmp_path / "r.html")
+    assert len(done["problems"]) == 1 and "_groups.parquet" in done["problems"][0]
+    assert "Could not read" in section((tmp_path / "r.html").read_text(), "neardup")
+
+
+def test_pretokenize_without_check_says_how_to_make_it(chain, tmp_path) -> None:
+    codes = tmp_path / "codes"
+    shutil.copytree(chain["codes"], codes, ignore=shutil.ignore_patterns("_check"))
+    build_report(ReportConfig(), [codes], tmp_path / "r.html")
+    assert f"pretokenize check --input {codes}" in section((tmp_path / "r.html").read_text(), "pretokenize")
+
+
+def test_cli_writes_the_page_and_refuses_a_folder_without_records(chain, tmp_path) -> None:
+    from curate.cli import app
+
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(app, ["report", str(chain["train"]), "-o", str(out), "--groups", "2"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and out.stat().st_size > 1000
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "nothing-here"), "-o", str(out)])
+    assert res.exit_code == 2 and "no run folder found" in res.output
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="bins"):
+        ReportConfig(bins=1)
+    with pytest.raises(ValueError, match="groups"):
+        ReportConfig(groups=-1)
+
+
+def test_score_thresholds_follow_the_filter_rules() -> None:
+    from curate.report.thresholds import score_thresholds
+
+    got = [(t.column, t.value, t.keep_high) for t in score_thresholds(
+        {"aesthetic": 4.5, "watermark": 0.5, "punsafe": None, "min_side": 256, "similarity": 0.28})]
+    assert got == [("aesthetic", 4.5, True), ("pwatermark", 0.5, False), ("similarity", 0.28, True)]
+
+
+def test_spread_takes_first_and_last() -> None:
+    from curate.report.training import spread
+
+    assert spread(10, 4) == [0, 3, 6, 9] and spread(3, 6) == [0, 1, 2] and spread(5, 1) == [4] and spread(0, 3) == []
+
+
+def test_text_is_escaped() -> None:
+    from curate.report.html import Html, esc, tag
+
+    assert tag("td", "<b>") == "<td>&lt;b&gt;</td>"
+    assert Html("<p>") + "<x>" == "<p>&lt;x&gt;" and isinstance(Html("a") + "b", Html)
+    assert esc(Html("<i>")) == "<i>"
+
