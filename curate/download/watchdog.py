@@ -12,7 +12,9 @@ never races a live worker of an earlier run.
 While it runs, `poll()` is called every half second; it adopts the shards img2dataset finished
 and returns how many are done (the progress bar). A multiprocessing pool whose worker was
 killed waits forever for the lost shard: when no file under `staging` has changed for
-`stall_seconds`, the group is stopped and the unfinished shards are left for a rerun.
+`stall_seconds`, the group is stopped and the unfinished shards are left for a rerun. Before
+the first file appears (img2dataset and its pool importing: 7-9 s, more on a busy machine) the
+limit is STARTUP_SECONDS or `stall_seconds`, whichever is longer.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from core.procs import PARENT_ENV
 from core.progress import make_progress
 
 POLL_SECONDS = 0.5
+STARTUP_SECONDS = 120.0
 def supervise(cmd: list[str], env: dict, log: Path, staging: Path, poll: Callable[[], int], total: int,
               stall_seconds: float, lock_fd: int | None = None) -> int:
     """Run `cmd` in its own process group under the watchdog (see module doc); returns its exit code."""
@@ -35,14 +38,15 @@ def supervise(cmd: list[str], env: dict, log: Path, staging: Path, poll: Callabl
         env = {**env, PARENT_ENV: str(os.getpid())}
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 pass_fds=(lock_fd,) if lock_fd is not None else ())
-        last_change = time.time()  # wall clock, as file mtimes are
+        started = last_change = time.time()  # wall clock, as file mtimes are
         try:
             while proc.poll() is None:
                 time.sleep(POLL_SECONDS)
                 progress.update(bar, completed=poll())
                 last_change = max(last_change, latest_change(staging))
-                if time.time() - last_change > stall_seconds:
-                    out.write(f"\ncurate download: no progress for {stall_seconds:g} s, stopped\n".encode())
+                limit = stall_seconds if last_change > started else max(stall_seconds, STARTUP_SECONDS)
+                if time.time() - last_change > limit:
+                    out.write(f"\ncurate download: no progress for {limit:g} s, stopped\n".encode())
                     break
         finally:
             stop_group(proc)
@@ -51,9 +55,11 @@ def supervise(cmd: list[str], env: dict, log: Path, staging: Path, poll: Callabl
 
 
 def latest_change(folder: Path) -> float:
-    """Newest mtime (wall clock) of the files being written under `folder`, 0 when none."""
+    """Newest mtime (wall clock) of the shard files being written in `folder` (the tars,
+    parquets and stats the pool's processes write; not the reader's inputs in `_tmp/`, which
+    appear before the pool has even started), 0 when none."""
     times = []
-    for p in folder.rglob("*"):
+    for p in folder.glob("[!_]*"):
         try:
             times.append(p.stat().st_mtime)
         except FileNotFoundError:  # renamed or removed between listing and stat

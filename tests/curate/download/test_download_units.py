@@ -291,19 +291,25 @@ def test_ray_distributor_is_chosen_by_the_one_address_rule(monkeypatch, tmp_path
     json.dumps(doc)  # the worker reads it back as JSON
 
 
-def test_a_hung_worker_is_stopped_with_its_children(tmp_path):
-    """A pool that lost a shard waits forever: no file change for stall_seconds stops the group."""
+def test_a_hung_worker_is_stopped_with_its_children(tmp_path, monkeypatch):
+    """A pool that lost a shard waits forever: no file change for stall_seconds stops the group
+    (before the first file appears, the longer start-up allowance applies)."""
     import psutil
 
+    from curate.download import watchdog
+
     pid_file = tmp_path / "child.pid"
+    staging = tmp_path / "staging"
+    staging.mkdir()
     script = (
         "import subprocess, sys, time\n"
         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
         f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(1.5)\n"
+        f"open({str(staging / '00000.tar')!r}, 'w').write('started')\n"  # a first shard file: progress
         "time.sleep(120)\n"
     )
-    staging = tmp_path / "staging"
-    staging.mkdir()
+    monkeypatch.setattr(watchdog, "STARTUP_SECONDS", 4.0)
     t0 = time.perf_counter()
     rc = supervise([sys.executable, "-c", script], {}, tmp_path / "log", staging, lambda: 0, 1, stall_seconds=2)
     assert rc != 0 and time.perf_counter() - t0 < 30
@@ -313,3 +319,13 @@ def test_a_hung_worker_is_stopped_with_its_children(tmp_path):
     while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_slow_start_is_not_a_stall(tmp_path, monkeypatch):
+    from curate.download import watchdog
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    script = f"import time; time.sleep(3); open({str(staging / '00000.tar')!r}, 'w').write('x'); time.sleep(0.5)"
+    monkeypatch.setattr(watchdog, "STARTUP_SECONDS", 6.0)
+    assert supervise([sys.executable, "-c", script], {}, tmp_path / "log", staging, lambda: 0, 1, stall_seconds=2) == 0
