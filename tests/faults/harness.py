@@ -98,7 +98,7 @@ def kill_once(cmd: Command, rng: random.Random, log: Path, share: float = 1.0) -
                 left = total - 1 - done0  # units that may finish before the kill
                 target = done0 + rng.randint(1, max(1, int(left * share)))  # kill once this many are done...
             if target is not None and done >= target:
-                time.sleep(rng.uniform(0.0, 0.3))  # ...plus a random moment into the next ones
+                time.sleep(rng.uniform(0.0, 0.05))  # ...plus a random moment into the next ones
                 break
             time.sleep(0.01)
     finally:
