@@ -5,3 +5,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "curate"))  # httpserver, image shard helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # the code-shard folder writer
