@@ -36,7 +36,11 @@ def server():
 
 @pytest.fixture(scope="module")
 def data(server, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dl-faults")
+    return build(tmp_path_factory.mktemp("dl-faults"), server)
+
+
+def build(root: Path, server: hs.ImageServer) -> Path:
+    """SHARDS x PER_SHARD images served slowly on loopback, their metadata and a download config."""
     urls = [server.add(f"img{i}.jpg", hs.Route(image(i), stall=0.08)) for i in range(SHARDS * PER_SHARD)]
     (root / "meta").mkdir()
     pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}),

@@ -16,8 +16,11 @@ SHARDS, PER_SHARD, KILLS = 12, 40, 5  # units long enough (~0.2-0.5 s) for a kil
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """Image shards as img2dataset writes them: photo crops with exact and near duplicates."""
-    root = tmp_path_factory.mktemp("img-faults")
+    return build(tmp_path_factory.mktemp("img-faults"))
+
+
+def build(root: Path) -> Path:
+    """Image shards as img2dataset writes them (photo crops with exact and near duplicates) and a tiny VQ."""
     names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
     pics = {n: photo(n) for n in names}
     for s in range(SHARDS):

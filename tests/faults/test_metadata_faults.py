@@ -15,13 +15,17 @@ FILES, BUCKETS, KILLS = 6, 8, 5
 STEPS = ("dedup", "filter", "captions")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def build(root: Path, rows: int = 120_000) -> Path:
+    """LAION-like metadata in FILES files (planted duplicates, missing scores) and a caption table."""
     from curate.metadata import synth
 
-    root = tmp_path_factory.mktemp("meta-faults")
-    synth.run(synth.SynthConfig(rows=120_000, files=FILES, dup_rate=0.2, seed=5), root / "in", root / "caps.parquet")
+    synth.run(synth.SynthConfig(rows=rows, files=FILES, dup_rate=0.2, seed=5), root / "in", root / "caps.parquet")
     return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("meta-faults"))
 
 
 def command(root: Path, out: Path) -> H.Command:

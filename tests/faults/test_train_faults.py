@@ -19,13 +19,16 @@ SETS = ["threads=1", "deterministic=true", "tensorboard=false", "sample.every=0"
         f"ckpt_every={CKPT_EVERY}", "keep_last=3"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def build(root: Path) -> Path:
     from code_folder import write_code_folder  # the train tests' code-shard writer
 
-    root = tmp_path_factory.mktemp("train-faults")
     write_code_folder(root / "codes", rows_per_shard=(12, 9))
     return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("train-faults"))
 
 
 def command(root: Path, run_dir: Path) -> H.Command:
