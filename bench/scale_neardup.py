@@ -64,12 +64,12 @@ def base_sha(g: np.ndarray, seed: int) -> np.ndarray:
 
 
 def synthetic_part(shard: int, rows: int, total: int, d: int = 4, seed: int = SEED, dishonest: float = 0.0,
-                   dup_keys: float = 0.0, placeholders: float = 0.001) -> pa.Table:
+                   dup_keys: float = 0.0, placeholders: float = 0.001, failures: float = 0.01) -> pa.Table:
     """Hash rows of shard `shard` (rows `shard*rows .. +rows` of `total`), deterministic in
     (shard, seed); copies point at rows of any shard. `dishonest`: share of rows that carry
     another row's sha256 with their own pHash; `dup_keys`: share whose key repeats another
     shard's (tie-break cases for the tests); `placeholders`: share of rows showing one of 50
-    placeholder pictures under one of 100 hosts."""
+    placeholder pictures under one of 100 hosts; `failures`: share of undecodable rows."""
     rng = np.random.default_rng([seed, shard])
     g = np.arange(shard * rows, shard * rows + rows, dtype=np.int64)
     kind = rng.random(rows)  # < .75 original, < .95 near copy, else far copy
@@ -90,7 +90,7 @@ def synthetic_part(shard: int, rows: int, total: int, d: int = 4, seed: int = SE
     placeholder = rng.random(rows) < placeholders
     phash[placeholder] = base_phash(rng.integers(0, 50, int(placeholder.sum())) + (1 << 40), seed)
     host = np.where(placeholder, rng.integers(0, 100, rows), rng.integers(0, 5000, rows))
-    failed = rng.random(rows) < 0.01
+    failed = rng.random(rows) < failures
     aesthetic = np.round(rng.normal(5.0, 1.0, rows), 1)
     aesthetic[rng.random(rows) < 0.02] = np.nan
     sizes = np.array([256, 512, 640, 1024])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
-from core import storage
+from core import rundir, storage
 from core.storage import AnyPath
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -81,23 +81,10 @@ def list_shards(folder: str | os.PathLike) -> list[AnyPath]:
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such shard folder or file")
-    named = recorded_shards(p)
+    named = rundir.recorded_files(p, ".tar")
     if named is not None:
         return named
     return sorted((x for x in p.glob("*.tar") if not x.name.startswith(("_", "."))), key=str)
-
-
-def recorded_shards(folder: AnyPath) -> list[AnyPath] | None:
-    """The tars a step's output folder names (see `list_shards`); None for a folder of another
-    kind, or one written before records named their shards."""
-    stats = folder / "_stats.json"
-    if stats.is_file():
-        parts = json.loads(stats.read_text()).get("parts")
-        return None if parts is None else sorted((folder / n for n in parts if n.endswith(".tar")), key=str)
-    if not (folder / "_config.yaml").is_file():
-        return None
-    names = {n for m in (folder / "_done").glob("*.json") for n in json.loads(m.read_text()).get("files", ())}
-    return sorted((folder / n for n in names if n.endswith(".tar") and "/" not in n), key=str)
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")

@@ -248,7 +248,7 @@ def test_a_rerun_adopts_verified_shards_a_killed_attempt_left_in_staging(tmp_pat
     _shard(old, "00000", 0, ["success", "success"])  # finished, never adopted
     _shard(old, "00001", 1, ["success", "success"])
     (old / "00001_stats.json").unlink()  # still being written when the run died
-    assert adopt.adopt_leftovers(rd, plan, caption=True) == 1
+    assert adopt.adopt_leftovers(rd, plan, caption=True, root=out / "_staging") == 1
     assert rd.is_done("00000") and not rd.is_done("00001") and not old.exists()
     assert [e.id for e in adopt.pending(rd, plan)] == [1, 2]
 

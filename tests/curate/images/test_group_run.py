@@ -23,7 +23,8 @@ def hash_parts(folder: Path, shards: int, rows: int, d: int) -> list[group_run.H
     parts = []
     for s in range(shards):
         n = rows + 37 * s  # uneven shards
-        table = bench.synthetic_part(s, n, shards * rows, d, dishonest=0.02, dup_keys=0.05, placeholders=0.03)
+        table = bench.synthetic_part(s, n, shards * rows, d, dishonest=0.02, dup_keys=0.05, placeholders=0.03,
+                                     failures=0.1)
         atomic.write_parquet(folder / f"{s:05d}.parquet", table)
         parts.append(group_run.HashPart(str(folder / f"{s:05d}.parquet"), f"{s:05d}.tar", n, {"s": s}))
     return parts
@@ -49,7 +50,7 @@ def test_tasks_equal_the_single_pass(tmp_path, ray_local, d, hosts, bands) -> No
     assert bench.same_outputs(str(tmp_path / "tasks"), str(tmp_path / "single"))
     led = pq.read_table(tmp_path / "tasks" / "_ledger")
     states = dict(zip(*np.unique(led["state"].to_numpy(zero_copy_only=False), return_counts=True)))
-    assert states["duplicate"] > 300 and states["failed"] > 10 and (states.get("filtered", 0) > 20) == (hosts > 0)
+    assert states["duplicate"] > 300 and states["failed"] > 200 and (states.get("filtered", 0) > 20) == (hosts > 0)
     reasons = set(led["reason"].drop_null().to_pylist())
     assert {"sha256", "phash"} <= reasons
     assert info["groups"] == pq.read_metadata(tmp_path / "tasks" / "_groups.parquet").num_rows > 100
