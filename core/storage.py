@@ -261,7 +261,7 @@ def read_at(p: "str | os.PathLike | RemotePath", offset: int, length: int) -> by
     p = path(p)
     if isinstance(p, RemotePath):
         with p.fs.open_input_file(p.key) as f:
-            return f.read_at(length, offset).to_pybytes() if offset < f.size() else b""
+            return bytes(f.read_at(length, offset)) if offset < f.size() else b""
     with open(p, "rb") as f:
         f.seek(offset)
         return f.read(length)

@@ -313,3 +313,35 @@ def test_a_hung_worker_is_stopped_with_its_children(tmp_path):
     while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_retry_shards_are_joined_from_the_ledger_in_tasks_on_s3(s3):
+    """--retry-failed on an object store: each original shard's transient failures are looked up
+    by key in its shards' parquets (a unit per original shard), then cut into retry shards as a
+    stream; permanent failures and successes are not re-queued."""
+    from core import ledger, storage
+
+    rd = RunDir.open(f"{s3}/dl", "download", {"t": 3})
+    plan = ShardPlan(5, 1, [ShardEntry(0, "a.parquet", 0, 4, source="a.parquet"),
+                            ShardEntry(1, "a.parquet", 4, 7, source="a.parquet")])
+    outcomes = {0: ["success", "timed out", "HTTP Error 404: Not Found", "HTTP Error 503: Service Unavailable"],
+                1: ["Connection reset by peer", "success", "timed out"]}
+    for sid, outs in outcomes.items():
+        n = len(outs)
+        atomic.write_parquet(rd.path / f"0000{sid}.parquet", pa.table({
+            "url": [f"http://x/{sid}/{i}" for i in range(n)], "caption": [f"c{sid}{i}" for i in range(n)],
+            "hash": list(range(n)), "source_file": ["a.parquet"] * n,
+            "source_row": [plan.shards[sid].start + i for i in range(n)], "source_shard": [sid] * n,
+            "key": [f"{sid}{i}" for i in range(n)], "status": ["success" if o == "success" else "failed_to_download" for o in outs],
+            "error_message": [None if o == "success" else o for o in outs]}))
+        adopt.write_ledger_part(rd, plan, sid, [])  # read back from S3
+    columns = {"url": "URL", "caption": "TEXT", "extra": ["hash"]}
+    new = dl.plan_retries(rd, dl.DownloadConfig(samples_per_shard=3), columns, plan)
+    assert [(e.id, e.rows, e.retry_of) for e in new] == [(2, 3, (0, 1)), (3, 1, (1,))]
+    first = storage.read_parquet(rd.path / "_retry" / "00002.parquet")
+    assert first.column_names == ["URL", "TEXT", "hash", "source_file", "source_row", "source_shard"]
+    assert first["URL"].to_pylist() == ["http://x/0/1", "http://x/0/3", "http://x/1/0"]
+    assert storage.read_parquet(rd.path / "_retry" / "00003.parquet")["source_row"].to_pylist() == [6]
+    assert ShardPlan.load(rd.path / "_plan.json").shards[2:] == new
+    assert not list((rd.path / "_retry" / "_select").glob("*")) and rd.done_tasks() == []
+    assert ledger.counts(rd.path)["failed"] == 5
