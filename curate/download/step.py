@@ -44,7 +44,7 @@ from curate.download import adopt, retry
 from curate.download.addresses import parse_networks
 from curate.download import ledger as download_ledger
 from curate.download.plan import SOURCE_COLUMNS, ShardEntry, ShardPlan, add_retry_shards, make_plan
-from curate.download.spec import worker_spec
+from curate.download.spec import distributor_address, worker_spec
 from curate.download.verify import ShardCheck
 from curate.download.watchdog import supervise
 from curate.steps import Step
@@ -189,6 +189,20 @@ def staging_root(cfg: DownloadConfig, rd: RunDir) -> Path:
     return Path(tempfile.gettempdir()) / "tessera-download" / digest
 
 
+def check_staging(cfg: DownloadConfig, rd: RunDir) -> None:
+    """img2dataset's Ray workers write into the staging folder: with an output in a bucket and
+    a cluster of several nodes, a default (node-local) staging folder would never show the
+    driver the other nodes' shards."""
+    if cfg.staging or isinstance(rd.path, Path) or distributor_address(cfg.distributor) is None:
+        return
+    import ray
+
+    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        raise ConfigError(f"{rd.path}: img2dataset's Ray workers on {len(ray.nodes())} nodes write into the staging "
+                          "folder: pass --staging with a folder every node sees (a shared filesystem), or set "
+                          "distributor: multiprocessing to download from this machine only")
+
+
 # ---------------------------------------------------------------- one img2dataset call
 
 
@@ -271,6 +285,7 @@ def run(cfg: DownloadConfig, inp: str, out: str) -> dict[str, Any]:
     files = list_inputs(inp)
     columns = input_columns(cfg, files)
     rd = RunDir.open(out, "download", rundir.identity(cfg, rundir.fingerprint(inp, files)))
+    check_staging(cfg, rd)
     plan = load_plan(rd, cfg, files)
     adopt.adopt_leftovers(rd, plan, bool(cfg.caption_col), staging_root(cfg, rd))
     adopt.rebuild_missing_ledgers(rd, plan)
