@@ -9,8 +9,9 @@ gaps, sizes from a short list.
 
 Measured, in one run:
   * the task-based grouping (`curate.images.group_run.run`, what `curate neardup` runs after
-    hashing) at --sizes (default 2M and 20M): wall time, the driver's peak RSS (this process's
-    VmHWM, Ray's own driver state included) and the largest task's peak RSS;
+    hashing) at --sizes (default 2M and 20M), each driven by a fresh process that joins the
+    bench's Ray: wall time, the driver's peak RSS (that process's VmHWM, Ray's own driver state
+    included) and the largest task's peak RSS (each task's own VmHWM, reset as it starts);
   * the baseline: the old single-pass driver (`grouping.decide` + the keep, groups and ledger
     tables from one concatenated table) at --baseline-rows (default 2M), in a fresh process;
   * exactness: the task-based ledger, keep list and groups equal the single pass's at the
@@ -140,26 +141,41 @@ def _vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM")
 
 
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def run_tasks(parts: list, out: str, d: int, rows_per_task: int) -> dict:
-    """The task-based grouping over `parts` into `out`: wall s, driver peak RSS, task peak RSS."""
+def _tasks_child(address: str, parts: list, out: str, d: int, rows_per_task: int, queue) -> None:
+    """The task-based grouping with this fresh process as its driver (it joins the bench's Ray):
+    its VmHWM is the driver's peak RSS, Ray's own driver state included."""
+    from core.ray_util import init_ray
     from core.rundir import RunDir, release_lock
     from curate.images import group_run
 
+    init_ray(address)
     rd = RunDir.open(out, "neardup", {"bench": len(parts)})
-    _reset_hwm()
     before = _vm_hwm_mb()
     t0 = time.perf_counter()
     info = group_run.run(rd, parts, d, 20, None, rows_per_task)
     wall = time.perf_counter() - t0
     release_lock(out)
-    return {"wall_s": round(wall, 1), "driver_peak_mb": round(_vm_hwm_mb(), 1), "driver_before_mb": round(before, 1),
-            "task_peak_mb": info["peak_task_rss_mb"], "tasks": info["tasks"], "groups": info["groups"],
-            "kept": info["kept"], "phase_seconds": info["phase_seconds"]}
+    queue.put({"wall_s": round(wall, 1), "driver_peak_mb": round(_vm_hwm_mb(), 1), "driver_before_mb": round(before, 1),
+               "task_peak_mb": info["peak_task_rss_mb"], "tasks": info["tasks"], "groups": info["groups"],
+               "kept": info["kept"], "phase_seconds": info["phase_seconds"]})
+
+
+def run_tasks(parts: list, out: str, d: int, rows_per_task: int) -> dict:
+    """The task-based grouping over `parts` into `out`, driven by a fresh process: wall s, the
+    driver's peak RSS, the largest task's peak RSS."""
+    import ray
+
+    return _in_child(_tasks_child, ray.get_runtime_context().gcs_address, parts, out, d, rows_per_task)
+
+
+def _in_child(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def _single_pass_child(paths: list[str], out: str, d: int, queue) -> None:
@@ -181,13 +197,12 @@ def _single_pass_child(paths: list[str], out: str, d: int, queue) -> None:
 
 
 def run_single_pass(parts: list, out: str, d: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_single_pass_child, args=([p.path for p in parts], out, d, queue))
-    proc.start()
-    wall, before, peak = queue.get()
-    proc.join()
+    wall, before, peak = _in_child(_single_pass_child, [p.path for p in parts], out, d)
     return {"wall_s": round(wall, 1), "peak_mb": round(peak, 1), "before_mb": round(before, 1)}
+
+
+def _same_child(a: str, b: str, queue) -> None:
+    queue.put(same_outputs(a, b))
 
 
 def same_outputs(a: str, b: str) -> bool:
@@ -254,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         if n == args.baseline_rows:
             base = run_single_pass(parts, str(_fresh(work / f"single-{n}")), d)
             results[f"single_{n}"] = base
-            equal = same_outputs(str(work / f"tasks-{n}"), str(work / f"single-{n}"))
+            equal = _in_child(_same_child, str(work / f"tasks-{n}"), str(work / f"single-{n}"))  # not in this process
             results[f"equal_{n}"] = equal
             print(f"single pass (old driver), {n:,} hashes: {base['wall_s']} s wall, peak {base['peak_mb']:.0f} MiB "
                   f"(before {base['before_mb']:.0f}); tasks/single wall {res['wall_s'] / base['wall_s']:.2f}x; "

@@ -157,6 +157,20 @@ def first_of_runs(sorted_values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
 
 
+def group_winners(t: pa.Table, group: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Row of each sha256 group's kept image, in group order (by the keep rule, only where the
+    group has several rows: most have one)."""
+    sizes = np.diff(np.r_[starts, group.size])
+    win = starts.copy()
+    multi = np.flatnonzero(sizes[group] > 1)
+    if multi.size:
+        sub = t.take(pa.array(multi)).append_column("group", pa.array(group[multi], pa.int64()))
+        best = keep_order(sub, "group", "aesthetic", "area", "key", "shard", "gid")
+        firsts = best[first_of_runs(group[multi][best])]
+        win[group[multi][firsts]] = multi[firsts]
+    return win
+
+
 def run_index(n: int, starts: np.ndarray) -> np.ndarray:
     """(n,) index of the run each position belongs to, given the runs' start positions."""
     flags = np.zeros(n, np.int64)
@@ -238,9 +252,7 @@ def shas(layout: Layout, bucket: int, sha_files: list[str], placeholder_files: l
     group = run_index(t.num_rows, starts)  # (n,) group of each row
     gid, phash = t["gid"].to_numpy(), t["phash"].to_numpy()
     rep = gid[starts]
-    t = t.append_column("group", pa.array(group, pa.int64()))
-    best = keep_order(t, "group", "aesthetic", "area", "key", "shard", "gid")
-    win = best[first_of_runs(group[best])]  # the kept row of each group, in group order
+    win = group_winners(t, group, starts)
     by_rep = np.argsort(rep)
     groups = pa.table({"rep": rep, "size": np.diff(np.r_[starts, t.num_rows]), "win": gid[win],
                        "win_aesthetic": t["aesthetic"].take(pa.array(win)), "win_area": t["area"].take(pa.array(win)),
