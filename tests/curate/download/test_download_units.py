@@ -345,3 +345,20 @@ def test_retry_shards_are_joined_from_the_ledger_in_tasks_on_s3(s3):
     assert ShardPlan.load(rd.path / "_plan.json").shards[2:] == new
     assert not list((rd.path / "_retry" / "_select").glob("*")) and rd.done_tasks() == []
     assert ledger.counts(rd.path)["failed"] == 5
+
+
+def test_a_bucket_output_on_a_multi_node_ray_distributor_needs_a_shared_staging(monkeypatch, tmp_path):
+    import ray
+
+    from core import storage
+
+    rd = RunDir(storage.path("s3://bucket/out"), "download", "h")  # no I/O: only the check
+    monkeypatch.setattr(dl, "distributor_address", lambda d: "10.0.0.1:6379")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    with pytest.raises(ConfigError, match="pass --staging with a folder every node sees"):
+        dl.check_staging(dl.DownloadConfig(), rd)
+    dl.check_staging(dl.DownloadConfig(staging=str(tmp_path)), rd)  # a shared folder given: fine
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    dl.check_staging(dl.DownloadConfig(), rd)  # one live node: its local staging is the driver's
+    assert dl.staging_root(dl.DownloadConfig(), rd).parent.name == "tessera-download"
+    assert dl.staging_root(dl.DownloadConfig(), RunDir(tmp_path / "o", "download", "h")) == tmp_path / "o" / "_staging"
