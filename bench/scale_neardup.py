@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -157,7 +158,7 @@ def _tasks_child(address: str, parts: list, out: str, d: int, rows_per_task: int
     release_lock(out)
     queue.put({"wall_s": round(wall, 1), "driver_peak_mb": round(_vm_hwm_mb(), 1), "driver_before_mb": round(before, 1),
                "task_peak_mb": info["peak_task_rss_mb"], "tasks": info["tasks"], "groups": info["groups"],
-               "kept": info["kept"], "phase_seconds": info["phase_seconds"]})
+               "kept": info["kept"], "phase_seconds": info["phase_seconds"], "phase_peak_mb": info["phase_peak_rss_mb"]})
 
 
 def run_tasks(parts: list, out: str, d: int, rows_per_task: int) -> dict:
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--exact-rows", type=int, default=20_000, help="hashes for the brute-force pair check (0: skip)")
     ap.add_argument("--distance", type=int, default=4)
     ap.add_argument("--rows-per-task", type=int, default=2_000_000)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each measurement (medians reported)")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--workdir", default=None, help="where the generated parts and outputs go (default: a temp folder)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -261,19 +263,25 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         parts = generate(str(folder), n, d)
         gen = time.perf_counter() - t0
-        res = run_tasks(parts, str(work / f"tasks-{n}"), d, args.rows_per_task)
-        results[f"tasks_{n}"] = {**res, "generate_s": round(gen, 1)}
-        print(f"tasks, {n:,} hashes ({len(parts)} parts, generated in {gen:.0f} s): {res['wall_s']} s wall, "
-              f"driver peak {res['driver_peak_mb']:.0f} MiB (before {res['driver_before_mb']:.0f}), largest task "
-              f"{res['task_peak_mb']:.0f} MiB, {res['tasks']} tasks, {res['groups']:,} groups; phases {res['phase_seconds']}")
+        runs = [run_tasks(parts, str(_fresh(work / f"tasks-{n}")), d, args.rows_per_task) for _ in range(args.repeats)]
+        res = {**runs[-1], "wall_s": statistics.median(r["wall_s"] for r in runs), "walls_s": [r["wall_s"] for r in runs],
+               "driver_peak_mb": max(r["driver_peak_mb"] for r in runs), "task_peak_mb": max(r["task_peak_mb"] for r in runs),
+               "generate_s": round(gen, 1), "load": os.getloadavg()}
+        results[f"tasks_{n}"] = res
+        print(f"tasks, {n:,} hashes ({len(parts)} parts, generated in {gen:.0f} s): median {res['wall_s']} s wall of "
+              f"{res['walls_s']}, driver peak {res['driver_peak_mb']:.0f} MiB, largest task {res['task_peak_mb']:.0f} MiB, "
+              f"{res['tasks']} tasks, {res['groups']:,} groups; load {res['load'][0]:.1f}\n  phase s {res['phase_seconds']}"
+              f"\n  phase peak MiB {res['phase_peak_mb']}")
         if n == args.baseline_rows:
-            base = run_single_pass(parts, str(_fresh(work / f"single-{n}")), d)
+            singles = [run_single_pass(parts, str(_fresh(work / f"single-{n}")), d) for _ in range(args.repeats)]
+            base = {"wall_s": statistics.median(b["wall_s"] for b in singles), "walls_s": [b["wall_s"] for b in singles],
+                    "peak_mb": max(b["peak_mb"] for b in singles), "before_mb": singles[-1]["before_mb"]}
             results[f"single_{n}"] = base
             equal = _in_child(_same_child, str(work / f"tasks-{n}"), str(work / f"single-{n}"))  # not in this process
             results[f"equal_{n}"] = equal
-            print(f"single pass (old driver), {n:,} hashes: {base['wall_s']} s wall, peak {base['peak_mb']:.0f} MiB "
-                  f"(before {base['before_mb']:.0f}); tasks/single wall {res['wall_s'] / base['wall_s']:.2f}x; "
-                  f"ledger, keep list and groups identical: {equal}")
+            print(f"single pass (old driver), {n:,} hashes: median {base['wall_s']} s wall of {base['walls_s']}, peak "
+                  f"{base['peak_mb']:.0f} MiB (before {base['before_mb']:.0f}); tasks/single wall "
+                  f"{res['wall_s'] / base['wall_s']:.2f}x; ledger, keep list and groups identical: {equal}")
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
     if args.exact_rows:

@@ -74,24 +74,25 @@ def run(rd: RunDir, parts: list[HashPart], distance: int, placeholder_hosts: int
         rows_per_task: int) -> dict[str, Any]:
     """Group every hash row of `parts`; writes the ledger parts, keep.parquet and _groups.parquet
     of rd. Returns the last unit's info (kept rows, group count) with, when the job ran now,
-    the largest task's peak RSS and each phase's wall seconds."""
+    the largest task's peak RSS, each phase's largest task peak RSS and its wall seconds."""
     layout, blocks = plan(str(rd.path / SCRATCH), parts, distance, placeholder_hosts, bands, rows_per_task)
     job = job_identity(layout, parts)
     last = Unit(f"{PREFIX}.finish", (layout, len(blocks), str(rd.path)), input=job)
     if is_done(rd, last):
         return rd.done_info(last.name)
     phases = _phases(rd, layout, parts, blocks, job) + [("keep list and groups", gt.finish, [last])]
-    peak, seconds = 0.0, {}
+    peaks, seconds = {}, {}
     for label, fn, units in phases:
         t0 = time.perf_counter()
         infos = run_units(rd, units, fn, f"neardup: grouping, {label}")
         seconds[label] = round(time.perf_counter() - t0, 2)
-        peak = max([peak] + [float(i.get("peak_rss_mb", 0)) for i in infos])
+        peaks[label] = max(float(i.get("peak_rss_mb", 0)) for i in infos)
     storage.rmtree(storage.path(layout.root))
     for _, _, units in phases[:-1]:
         for u in units:
             rd.marker(u.name).unlink(missing_ok=True)
-    return {**infos[0], "peak_task_rss_mb": peak, "phase_seconds": seconds, "tasks": sum(len(u) for _, _, u in phases)}
+    return {**infos[0], "peak_task_rss_mb": max(peaks.values()), "phase_peak_rss_mb": peaks, "phase_seconds": seconds,
+            "tasks": sum(len(u) for _, _, u in phases)}
 
 
 def _phases(rd: RunDir, layout: gt.Layout, parts: list[HashPart], blocks: list[list[int]], job: str
