@@ -167,7 +167,7 @@ def recorded_files(folder: str | os.PathLike, suffix: str) -> list[AnyPath] | No
     in its completion record (`_stats.json` "parts"), or, while it is unfinished, in its unit
     markers (`_done/*.json` "files"). Readers take a step's outputs from here, never from a
     listing: an object store lists objects no record has committed (an abandoned attempt).
-    None for a folder that is no step's output, or whose record does not name its parts (an
+    None for a folder that is no step's output, or whose records do not name their files (an
     older format): read it by listing."""
     folder = storage.path(folder)
     stats = folder / STATS
@@ -176,7 +176,10 @@ def recorded_files(folder: str | os.PathLike, suffix: str) -> list[AnyPath] | No
         return None if parts is None else sorted((folder / n for n in parts if n.endswith(suffix)), key=str)
     if not (folder / CONFIG).is_file():
         return None
-    names = {n for m in (folder / DONE).glob("*.json") for n in json.loads(m.read_text()).get("files", ())}
+    markers = [json.loads(m.read_text()) for m in (folder / DONE).glob("*.json")]
+    if not any("files" in m for m in markers):
+        return None  # no unit of this folder names its files (an older format, or none done yet)
+    names = {n for m in markers for n in m.get("files", ())}
     return sorted((folder / n for n in names if n.endswith(suffix) and "/" not in n), key=str)
 
 
