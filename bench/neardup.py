@@ -108,7 +108,7 @@ def decide_pass(n: int, d: int) -> tuple[float, int]:
     error = np.where(rng.random(n) < 0.01, "undecodable image: test", None)
     table = pa.table({
         "key": [f"{i:09d}" for i in range(n)], "shard": [f"{i // 10_000:05d}.tar" for i in range(n)],
-        "row": np.arange(n) % 10_000, "sha256": [f"{h:016x}" for h in ph.tolist()],
+        "row": np.arange(n) % 10_000, "sha256": [h.to_bytes(8, "big") * 4 for h in ph.tolist()],
         "phash": pa.array(ph, pa.uint64()), "host": [f"h{i % 5000}.com" for i in range(n)],
         "aesthetic": rng.normal(5, 1, n), "width": rng.integers(64, 2048, n), "height": rng.integers(64, 2048, n),
         "error": pa.array(error.tolist(), pa.string()),

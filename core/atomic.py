@@ -8,8 +8,10 @@ file and uploaded in one go; the object appears only when the upload completes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -81,6 +83,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def publish(local: Path, dest: str | os.PathLike) -> None:
+    """Commit a finished local file as `dest` and remove the local one: a rename on the same
+    disk, a copy to a temp name then a rename across disks, one upload to an object store."""
+    if storage.is_remote(dest):
+        storage.upload(local, storage.path(dest))
+        local.unlink()
+        return
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(local, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(local, tmp)
+        local.unlink()
 
 
 def remove_temps(folder: str | os.PathLike) -> int:

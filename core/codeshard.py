@@ -10,12 +10,21 @@ A code folder holds:
 `codes` is a fixed-size list of uint16 of length h*w (row-major grid), so the whole column
 of a shard is one contiguous (N, h*w) uint16 buffer: `CodeShard.codes` is a numpy view of
 the memory map, and a sample is O(1) to reach.
+
+pretokenize may write a code folder to an object store (s3://, gs://; core.storage): the
+manifest is the completion record that names the shards (on an object store each under an
+attempt-unique name), so readers never list the folder. A memory map needs a local file:
+`stage` copies the shards the manifest names to a local cache, each checked against its size
+and sha256 there, and a later run reuses the checked copy.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from core import atomic
+from core import atomic, storage
+from core.storage import AnyPath
 from core.errors import UserError
 
 FORMAT_VERSION = 1
@@ -110,8 +120,9 @@ class Manifest:
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, local or on an object store (streamed)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_stream(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -145,23 +156,24 @@ def make_table(codes: np.ndarray, columns: dict[str, Any]) -> pa.Table:
 
 
 def write_shard(path: str | os.PathLike, table: pa.Table) -> ShardInfo:
-    """Write one shard atomically (temp name, rename); returns its manifest entry."""
-    path = Path(path)
+    """Write one shard whole (temp name and rename, or one upload to an object store); returns
+    its manifest entry (size and sha256 of the bytes committed)."""
     with atomic.atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=max(1, table.num_rows))
-    return ShardInfo(path.name, table.num_rows, path.stat().st_size, file_sha256(path))
+        info = ShardInfo(storage.path(path).name, table.num_rows, tmp.stat().st_size, file_sha256(tmp))
+    return info
 
 
-def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> AnyPath:
     manifest.shards.sort(key=lambda s: s.name)
-    path = Path(folder) / MANIFEST
+    path = storage.path(folder) / MANIFEST
     atomic.write_json(path, manifest.to_json())
     return path
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
-    path = Path(folder) / MANIFEST
+    path = storage.path(folder) / MANIFEST
     if not path.is_file():
         raise CodeShardError(f"{folder}: no {MANIFEST}; is this a pretokenize output folder?")
     try:
@@ -174,6 +186,72 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             f"this reader understands {FORMAT_VERSION}; re-run pretokenize"
         )
     return manifest
+
+
+# ---------------------------------------------------------------- staging from an object store
+
+STAGED = "_staged.json"  # in a cache folder: name -> {sha256, bytes, mtime_ns} of each checked copy
+STAGE_THREADS = 8  # shards fetched at once
+
+
+def stage(folder: str | os.PathLike, cache: str | os.PathLike) -> Path:
+    """A local copy of the code folder `folder` (an object-store URI) under `cache`, for
+    memory-mapping: its manifest and every shard the manifest names, each checked against the
+    manifest's byte size and sha256 as it arrives (a mismatch raises CodeShardError). A shard
+    checked before (recorded in cache/<folder digest>/_staged.json with the same sha256, and
+    unchanged since: same size and time) is reused without being read. The processes of one
+    machine (torchrun's ranks) share the copy: one stages it while the others wait on its lock."""
+    src = storage.path(folder)
+    manifest = read_manifest(src)
+    local = Path(cache).expanduser().absolute() / hashlib.sha256(str(src).encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / "_lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        staged = json.loads((local / STAGED).read_text()) if (local / STAGED).is_file() else {}
+        todo = [s for s in manifest.shards if not _still_checked(local / s.name, s, staged.get(s.name))]
+        record_lock = threading.Lock()
+
+        def fetch(info: ShardInfo) -> None:
+            entry = _fetch_checked(src / info.name, local / info.name, info)
+            with record_lock:
+                staged[info.name] = entry
+                atomic.write_json(local / STAGED, staged)
+
+        with ThreadPoolExecutor(STAGE_THREADS) as pool:
+            list(pool.map(fetch, todo))
+        for old in set(staged) - {s.name for s in manifest.shards}:  # shards of an older manifest
+            (local / old).unlink(missing_ok=True)
+            staged.pop(old)
+        atomic.write_json(local / STAGED, staged)
+        atomic.write_json(local / MANIFEST, manifest.to_json())  # last: the copy is complete
+    return local
+
+
+def _still_checked(path: Path, info: ShardInfo, entry: dict[str, Any] | None) -> bool:
+    if not entry or entry.get("sha256") != info.sha256 or entry.get("bytes") != info.bytes:
+        return False
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return st.st_size == info.bytes and st.st_mtime_ns == entry.get("mtime_ns")
+
+
+def _fetch_checked(src: AnyPath, dest: Path, info: ShardInfo) -> dict[str, Any]:
+    """Copy `src` to `dest` (temp name, then rename) hashing it on the way; raise unless its
+    size and sha256 are the manifest's."""
+    h, size = hashlib.sha256(), 0
+    with atomic.atomic_path(dest) as tmp, open(tmp, "wb") as out, storage.open_stream(src) as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+            size += len(block)
+            out.write(block)
+        if (size, h.hexdigest()) != (info.bytes, info.sha256):
+            raise CodeShardError(
+                f"{src}: {size} bytes with sha256 {h.hexdigest()[:12]}, the manifest says {info.bytes} bytes with "
+                f"sha256 {info.sha256[:12]}; the object store holds another file than pretokenize recorded "
+                "(re-run pretokenize on that folder)")
+    return {"sha256": info.sha256, "bytes": size, "mtime_ns": dest.stat().st_mtime_ns}
 
 
 class CodeShard:

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
+from core import rundir, storage
+from core.storage import AnyPath
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # no web image or caption is this large; a bigger member is refused
 
@@ -65,14 +68,23 @@ class ReadReport:
                 + [(key, "lost_from_tar", self.lost_reason()) for key in self.lost])
 
 
-def list_shards(folder: str | os.PathLike) -> list[Path]:
-    """The `*.tar` shards of a folder (or a single tar), sorted, skipping `_`-prefixed names."""
-    p = Path(folder)
+def list_shards(folder: str | os.PathLike) -> list[AnyPath]:
+    """The shards of a folder (or a single tar), sorted; local or on an object store.
+
+    A step's output folder (`curate download`, `curate neardup --write-shards`) names its
+    shards in its completion record (`_stats.json`: "parts"), or, while unfinished, in its unit
+    markers (`_done/*.json`: "files"): they are taken from there, never from a listing (an object
+    store lists objects no record has committed yet). Any other folder: its `*.tar` files,
+    skipping `_`- and `.`-prefixed names."""
+    p = storage.path(folder)
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such shard folder or file")
-    return sorted(x for x in p.glob("*.tar") if not x.name.startswith(("_", ".")))
+    named = rundir.recorded_files(p, ".tar")
+    if named is not None:
+        return named
+    return sorted((x for x in p.glob("*.tar") if not x.name.startswith(("_", "."))), key=str)
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -114,13 +126,11 @@ def iter_shard(path: str | os.PathLike, report: ReadReport | None = None,
 
 def lost_keys(path: str | os.PathLike, seen: set[str]) -> list[str]:
     """Keys img2dataset's parquet beside the tar lists as successes that are not in `seen`."""
-    meta = Path(path).with_suffix(".parquet")
+    meta = storage.path(path).with_suffix(".parquet")
     if not meta.is_file():
         return []
-    import pyarrow.parquet as pq
-
     try:
-        table = pq.read_table(meta, columns=["key", "status"])
+        table = storage.read_parquet(meta, columns=["key", "status"])
     except (OSError, KeyError, ValueError):  # not img2dataset's parquet: nothing to compare with
         return []
     pairs = zip(table.column("key").to_pylist(), table.column("status").to_pylist())
@@ -129,8 +139,7 @@ def lost_keys(path: str | os.PathLike, seen: set[str]) -> list[str]:
 
 def compression(path: str | os.PathLike) -> str | None:
     """"gzip", "bzip2" or "xz" when the file is a compressed stream, else None."""
-    with open(path, "rb") as f:
-        head = f.read(6)
+    head = storage.read_at(path, 0, 6)
     for magic, name in zip(_COMPRESSED_MAGIC, ("gzip", "bzip2", "xz")):
         if head.startswith(magic):
             return name
@@ -144,7 +153,7 @@ def _read_tar(path: str | os.PathLike, report: ReadReport, max_member_bytes: int
         report.damaged = f"a {packed}-compressed tar is not accepted (webdataset shards are plain tars)"
         return
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 reason = _refusal(member) or _too_big(member, max_member_bytes)
                 if reason:
@@ -203,9 +212,7 @@ def read_samples(path: str | os.PathLike, keys: set[str]) -> dict[str, Sample]:
 def _check_end_marker(path: str | os.PathLike, offset: int) -> None:
     """An uncompressed tar cut exactly at a member boundary reads as a clean end in stream mode;
     a complete one has two zero blocks (the end-of-archive marker) where the next header would be."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        end = f.read(2 * tarfile.BLOCKSIZE)
+    end = storage.read_at(path, offset, 2 * tarfile.BLOCKSIZE)
     if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
         raise tarfile.ReadError(f"no end-of-archive marker at byte {offset}: the tar was cut short")
 

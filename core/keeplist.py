@@ -7,6 +7,7 @@ read it. One parquet file, sorted by shard then key, columns:
 A shard is named by its stem everywhere else (`shard_id`): "/x/00012.tar", "00012.tar" and
 "00012" are one shard. Readers take the keys of one shard at a time, so a task holds its own
 shard's keys, never the whole list (a keep list of 200M images is ~5 GB as Python strings).
+The list may be a local file or an object (s3://, gs://; core.storage).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import PurePath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core import atomic
+from core import atomic, storage
 from core.errors import UserError
 
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string())])
@@ -42,7 +43,8 @@ def write(path: str | os.PathLike, table: pa.Table) -> int:
 def check(path: str | os.PathLike) -> None:
     """Fail with a clear message unless `path` is a readable keep list."""
     try:
-        names = pq.read_schema(path).names
+        with storage.parquet_file(path) as f:
+            names = f.schema_arrow.names
     except FileNotFoundError:
         raise UserError(f"keep list not found: {path}") from None
     except (OSError, pa.ArrowInvalid) as exc:
@@ -57,16 +59,16 @@ def canonical(path: str | os.PathLike, folder: str | os.PathLike) -> str:
     check(path)
     import pyarrow.compute as pc
 
-    names = pc.unique(pq.read_table(path, columns=["shard"]).column("shard").cast(pa.string())).to_pylist()
+    names = pc.unique(storage.read_parquet(path, columns=["shard"]).column("shard").cast(pa.string())).to_pylist()
     if all(n is not None and n in (shard_id(n), f"{shard_id(n)}.tar") for n in names):
-        return str(path)
-    target = os.path.join(folder, "_keep.parquet")
-    write(target, pq.read_table(path, columns=["key", "shard"]))
+        return str(storage.path(path))
+    target = str(storage.path(folder) / "_keep.parquet")
+    write(target, storage.read_parquet(path, columns=["key", "shard"]))
     return target
 
 
 def keys_for(path: str | os.PathLike, shard: str | os.PathLike) -> frozenset[str]:
     """The kept keys of one shard (any spelling of its name)."""
     sid = shard_id(shard)
-    table = pq.read_table(path, columns=["key"], filters=[("shard", "in", [f"{sid}.tar", sid])])
+    table = storage.read_parquet(path, columns=["key"], filters=[("shard", "in", [f"{sid}.tar", sid])])
     return frozenset(table.column("key").cast(pa.string()).to_pylist())

@@ -162,6 +162,27 @@ def check_finished(folder: str | os.PathLike, allow_incomplete: bool = False) ->
     )
 
 
+def recorded_files(folder: str | os.PathLike, suffix: str) -> list[AnyPath] | None:
+    """The data files (top-level names ending in `suffix`) a step's output folder names, sorted:
+    in its completion record (`_stats.json` "parts"), or, while it is unfinished, in its unit
+    markers (`_done/*.json` "files"). Readers take a step's outputs from here, never from a
+    listing: an object store lists objects no record has committed (an abandoned attempt).
+    None for a folder that is no step's output, or whose records do not name their files (an
+    older format): read it by listing."""
+    folder = storage.path(folder)
+    stats = folder / STATS
+    if stats.is_file():
+        parts = json.loads(stats.read_text()).get("parts")
+        return None if parts is None else sorted((folder / n for n in parts if n.endswith(suffix)), key=str)
+    if not (folder / CONFIG).is_file():
+        return None
+    markers = [json.loads(m.read_text()) for m in (folder / DONE).glob("*.json")]
+    if not any("files" in m for m in markers):
+        return None  # no unit of this folder names its files (an older format, or none done yet)
+    names = {n for m in markers for n in m.get("files", ())}
+    return sorted((folder / n for n in names if n.endswith(suffix) and "/" not in n), key=str)
+
+
 def fingerprint(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, Any]:
     """The input's identity: an upstream step's folder by its identity and completion record
     (its own content is pinned by its markers), any other input by its files' paths and sizes."""

@@ -220,6 +220,64 @@ def arrow_fs(p: AnyPath) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(p)
 
 
+def read_parquet(p: "str | os.PathLike | RemotePath", columns: list[str] | None = None,
+                 filters: list | None = None) -> "pa.Table":
+    """A parquet file (local or on an object store) as a table; `filters` skip row groups by
+    their statistics, as pyarrow.parquet.read_table does."""
+    import pyarrow.parquet as pq
+
+    fs, key = arrow_fs(path(p))
+    return pq.read_table(key, filesystem=fs, columns=columns, filters=filters)
+
+
+@contextlib.contextmanager
+def parquet_file(p: "str | os.PathLike | RemotePath") -> Iterator:  # yields a pyarrow.parquet.ParquetFile
+    """A parquet file's reader (footer, row groups, random access) on any store, closed after."""
+    import pyarrow.parquet as pq
+
+    fs, key = arrow_fs(path(p))
+    with fs.open_input_file(key) as f:
+        yield pq.ParquetFile(f)
+
+
+STREAM_BUFFER = 8 << 20  # bytes per read from an object store: one ranged GET per 8 MiB, not per tar block
+
+
+@contextlib.contextmanager
+def open_stream(p: "str | os.PathLike | RemotePath") -> Iterator:  # yields a binary file object
+    """A file read front to back (a tar streamed without a local copy): a local file, or an
+    object read in STREAM_BUFFER-sized ranged requests."""
+    p = path(p)
+    if isinstance(p, RemotePath):
+        with p.fs.open_input_stream(p.key, buffer_size=STREAM_BUFFER) as f:
+            yield f
+        return
+    with open(p, "rb") as f:
+        yield f
+
+
+def read_at(p: "str | os.PathLike | RemotePath", offset: int, length: int) -> bytes:
+    """Up to `length` bytes of a file from byte `offset` (one ranged request on an object store)."""
+    p = path(p)
+    if isinstance(p, RemotePath):
+        with p.fs.open_input_file(p.key) as f:
+            return bytes(f.read_at(length, offset)) if offset < f.size() else b""
+    with open(p, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def attempt_path(p: AnyPath, attempt: str) -> AnyPath:
+    """Where one attempt of a task writes its output `p`. On a local disk `p` itself: the
+    rename that commits it replaces any earlier attempt's file whole. On an object store, with
+    no rename, `<stem>.<attempt><suffix>`: attempts never overwrite each other, the completion
+    record (the task's marker) names the one that counts, and the others are deleted when the
+    step finishes."""
+    if isinstance(p, RemotePath):
+        return p.with_name(f"{p.stem}.{attempt}{p.suffix}")
+    return p
+
+
 def rmtree(p: AnyPath) -> None:
     """Remove a folder (a key prefix) and everything under it; nothing if it is absent."""
     if isinstance(p, RemotePath):

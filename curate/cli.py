@@ -163,8 +163,8 @@ def run_pipeline(
 
 @app.command()
 def download(
-    input: Path = typer.Option(..., "--input", "-i", help="parquet folder of a previous curate step (IN/*.parquet, _ names skipped) or one file"),
-    output: Path = typer.Option(..., "--output", "-o", help="output folder: NNNNN.tar/.parquet/_stats.json shards, bookkeeping under _*"),
+    input: str = typer.Option(..., "--input", "-i", help="parquet folder of a previous curate step (the parts its _stats.json names, else IN/*.parquet, _ names skipped) or one file; a local path or s3:// / gs:// URI"),
+    output: str = typer.Option(..., "--output", "-o", help="output folder (local, s3:// or gs://): NNNNN.tar/.parquet/_stats.json shards, bookkeeping under _*"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="output side in pixels [default: 512]"),
     resize_mode: Optional[str] = typer.Option(None, "--resize-mode", help="center_crop | keep_ratio | keep_ratio_largest | border | no [default: center_crop]"),
     processes: Optional[int] = typer.Option(None, "--processes", help="local worker processes [default: all CPUs; ignored on Ray]"),
@@ -176,6 +176,7 @@ def download(
     max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="largest body accepted, bytes [default: 67108864]"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="largest width*height decoded, from the header [default: 100000000]"),
     allow_network: Optional[List[str]] = typer.Option(None, "--allow-network", help="CIDR the network guard lets through, e.g. 127.0.0.0/8 for a loopback server (repeatable; replaces download.allow_networks) [default: none: loopback, private, link-local, metadata... refused]"),
+    staging: Optional[str] = typer.Option(None, "--staging", help="local folder img2dataset writes into before shards are verified and committed [default: OUT/_staging, or a temp folder for an s3:// / gs:// output]"),
     config_path: Optional[Path] = ConfigOpt,
     address: Optional[str] = RayOpt,
 ) -> None:
@@ -186,9 +187,9 @@ def download(
     processes."""
     flags = dict(image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
                  retry_failed=retry_failed, samples_per_shard=samples_per_shard, timeout=timeout, retries=retries,
-                 max_bytes=max_bytes, max_pixels=max_pixels, allow_networks=allow_network or None)
+                 max_bytes=max_bytes, max_pixels=max_pixels, allow_networks=allow_network or None, staging=staging)
     with user_errors():  # one line: exit 2 for user errors, exit 1 for unfinished shards
-        stats = run_step("download", flags, str(input), str(output), config_path, address)
+        stats = run_step("download", flags, input, output, config_path, address)
     ledger.print_counts(stats)
     Console().print(reasons_table(stats.get("failed_reasons", {})))
 
@@ -222,7 +223,7 @@ def neardup(
     with user_errors():
         stats = run_step("neardup", flags, input, output, config_path, address)
     ledger.print_counts(stats)
-    Console().print(f"{stats['groups']:,} duplicate groups; keep list: {Path(output) / 'keep.parquet'}")
+    Console().print(f"{stats['groups']:,} duplicate groups; keep list: {output.rstrip('/')}/keep.parquet")
 
 
 @app.command("score")

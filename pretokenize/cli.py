@@ -35,8 +35,8 @@ def yaml_section(config: Optional[Path], sub: str | None = None) -> dict[str, An
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image shards: a folder of webdataset *.tar (img2dataset output) or one tar."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Code folder to write (NNNNN.arrow + manifest.json); a rerun resumes."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Image shards: a folder of webdataset *.tar (img2dataset output) or one tar; a local path or s3:// / gs:// URI."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Code folder to write (NNNNN.arrow + manifest.json), local or s3:// / gs://; a rerun resumes."),
     res: Optional[int] = typer.Option(None, "--res", help="Square side in pixels (default 512); a multiple of the tokenizer's downsampling factor."),
     vq: Optional[str] = typer.Option(None, "--vq", help="VQ tokenizer folder (config.json + diffusion_pytorch_model.safetensors); default pretokenize.vq in pipelines.yaml."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder call (default 32)."),

@@ -12,15 +12,16 @@ then writes the completion marker.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from core import codeshard, keeplist, laion, ledger
+from core import codeshard, keeplist, laion, ledger, storage
+from core.storage import AnyPath
 from core.imageshard import MAX_MEMBER_BYTES, ReadReport, Sample, iter_shard
 from pretokenize import preprocess
 from pretokenize.geometry import TooSmall
@@ -112,16 +113,17 @@ def encode_unit(encoder: Any, tar: str, out: str, keep_list: str | None) -> dict
     """Unit (core.units): encode one shard on an encoder built once per worker (`.vq`,
     `.settings`), encoding only the keep list's samples of that shard when one is given."""
     keep = keeplist.keys_for(keep_list, tar) if keep_list else None
-    return encode_shard(encoder.vq, tar, Path(out), encoder.settings, keep)
+    return encode_shard(encoder.vq, tar, storage.path(out), encoder.settings, keep)
 
 
 def encode_shard(
-    vq: Any, tar: str | Path, out: Path, s: EncodeSettings, keep: frozenset[str] | None = None
+    vq: Any, tar: str | AnyPath, out: AnyPath, s: EncodeSettings, keep: frozenset[str] | None = None
 ) -> dict[str, Any]:
-    """Encode `tar` into OUT/<stem>.arrow and write its ledger part; returns the unit's info."""
+    """Encode `tar` into OUT/<stem>.arrow (on an object store `<stem>.<attempt>.arrow`) and
+    write its ledger part; returns the unit's info."""
     from core.vq import encode_codes
 
-    tar = Path(tar)
+    tar = storage.path(tar)
     stem = keeplist.shard_id(tar.name)
     started, report, writer = time.perf_counter(), ReadReport(str(tar)), ShardWriter()
     batch: list[np.ndarray] = []
@@ -166,7 +168,7 @@ def encode_shard(
     return _finish(out, tar, stem, writer, report, keep, time.perf_counter() - started)
 
 
-def _finish(out: Path, tar: Path, stem: str, writer: ShardWriter, report: ReadReport,
+def _finish(out: AnyPath, tar: AnyPath, stem: str, writer: ShardWriter, report: ReadReport,
             keep: frozenset[str] | None, seconds: float) -> dict[str, Any]:
     """Write the code shard, then the ledger part (the runner writes the marker last)."""
     unread = [(k, kind, why) for k, kind, why in report.unread()
@@ -177,11 +179,13 @@ def _finish(out: Path, tar: Path, stem: str, writer: ShardWriter, report: ReadRe
     if writer.codes:
         codes = np.concatenate(writer.codes)  # (N, h*w)
         table = codeshard.make_table(codes, writer.cols)
-        shard_info = asdict(codeshard.write_shard(out / f"{stem}{codeshard.SHARD_SUFFIX}", table))
+        target = storage.attempt_path(out / f"{stem}{codeshard.SHARD_SUFFIX}", uuid.uuid4().hex[:12])
+        shard_info = asdict(codeshard.write_shard(target, table))
     ledger.write(out, stem, ledger.rows(STEP, tar.name, writer.records))
     kept = sum(r["state"] == "kept" for r in writer.records)
     info = {
         "source": str(tar), "shard": shard_info, "rows_in": len(writer.records), "kept": kept,
+        "files": ([shard_info["name"]] if shard_info else []) + [f"{ledger.LEDGER_DIR}/{stem}.parquet"],
         "damaged": report.damaged, "refused": len(report.refused), "lost": len(report.lost),
         "duplicates": len(report.duplicates),
         "bad_members": [list(b) for b in report.bad_members],

@@ -7,19 +7,24 @@
          stem, on actors that load the tokenizer once (one per GPU, else CPU actors); a unit
          records its input shard's size and time, so a shard redone upstream is encoded again
       4. (re)write manifest.json from every done shard; once all are done, `_stats.json`
+Input and output may be local or on an object store (s3://, gs://; core.storage): shards are
+streamed; on an object store each code shard is uploaded under an attempt-unique name
+(`<stem>.<attempt>.arrow`: attempts never overwrite each other, and a GPU's codes may differ
+between attempts), the manifest names the one its unit's marker committed, and shards no
+manifest names (abandoned attempts) are deleted when the step completes.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from core import codeshard, keeplist, ledger, rundir
+from core import codeshard, keeplist, ledger, rundir, storage
 from core.config import ConfigError, execution, settings
 from core.errors import StepIncomplete
 from core.imageshard import MAX_MEMBER_BYTES, list_shards
 from core.rundir import RunDir
+from core.storage import AnyPath
 from core.units import EXECUTORS, Resources, Unit, run_units
 from core.vq import grid_shape, vq_info
 from pretokenize.encode import STEP, EncodeSettings, encode_unit
@@ -71,7 +76,7 @@ class PretokenizeConfig:
                               source, self.allow_upscale, self.max_member_bytes)
 
 
-def declared_source(cfg: PretokenizeConfig, input: Path) -> str:
+def declared_source(cfg: PretokenizeConfig, input: AnyPath) -> str:
     """How the download resized the originals: as configured, else the download folder's own
     resize_mode (its run record), else `auto` (inferred per image)."""
     if cfg.source_resize != "auto":
@@ -103,7 +108,7 @@ def plan_actors(cfg: PretokenizeConfig, cpus: int, gpus: int, n_shards: int) -> 
     return ActorPlan(count, num_cpus, 1 if gpus > 0 else 0, cfg.decode_threads or num_cpus)
 
 
-def identity(cfg: PretokenizeConfig, input: Path, sha256: str, keep_id: Any) -> dict[str, Any]:
+def identity(cfg: PretokenizeConfig, input: AnyPath, sha256: str, keep_id: Any) -> dict[str, Any]:
     """What determines the output: the settings, where the shards are (each unit records its
     shard), the tokenizer by its weights' hash (not its path) and the keep list's identity."""
     kept = {k: v for k, v in settings(cfg).items() if k not in ("vq", "keep_list")}
@@ -138,7 +143,7 @@ def run(cfg: PretokenizeConfig, input: str | os.PathLike, output: str | os.PathL
     if not cfg.vq:
         raise ConfigError("no tokenizer: pass --vq PATH (or set pretokenize.vq in pipelines.yaml)")
     rundir.check_finished(input, cfg.allow_incomplete)
-    input = Path(input)
+    input = storage.path(input)
     tars = list_shards(input)
     if not tars:
         raise ConfigError(f"{input}: no *.tar image shards")
@@ -177,7 +182,7 @@ def _execute(cfg: PretokenizeConfig, rd: RunDir, units: list[Unit], ray_address:
               executor=cfg.executor)
 
 
-def write_manifest(cfg: PretokenizeConfig, rd: RunDir, tars: list[Path], tok: codeshard.TokenizerInfo,
+def write_manifest(cfg: PretokenizeConfig, rd: RunDir, tars: list[AnyPath], tok: codeshard.TokenizerInfo,
                    grid: tuple[int, int]) -> dict[str, dict[str, Any]]:
     """(Re)write manifest.json from every done shard; returns their marker infos by shard id."""
     names = [keeplist.shard_id(t.name) for t in tars]
@@ -185,18 +190,23 @@ def write_manifest(cfg: PretokenizeConfig, rd: RunDir, tars: list[Path], tok: co
     manifest = codeshard.Manifest(
         resolution=cfg.res, grid=grid, tokenizer=tok,
         shards=[codeshard.ShardInfo(**i["shard"]) for i in infos.values() if i.get("shard")],
-        extra={"crop": cfg.crop, "seed": cfg.seed, "dtype": cfg.dtype, "source": str(Path(tars[0]).parent.resolve()),
-               "source_resize": declared_source(cfg, Path(tars[0]).parent), "allow_upscale": cfg.allow_upscale,
+        extra={"crop": cfg.crop, "seed": cfg.seed, "dtype": cfg.dtype, "source": str(tars[0].parent),
+               "source_resize": declared_source(cfg, tars[0].parent), "allow_upscale": cfg.allow_upscale,
                "config_hash": rd.hash},
     )
     codeshard.write_manifest(rd.path, manifest)
     return infos
 
 
-def finish(cfg: PretokenizeConfig, rd: RunDir, tars: list[Path], tok: codeshard.TokenizerInfo,
+def finish(cfg: PretokenizeConfig, rd: RunDir, tars: list[AnyPath], tok: codeshard.TokenizerInfo,
            grid: tuple[int, int]) -> dict[str, Any]:
-    """Every shard is done: the manifest, then the reconciled `_stats.json` (the completion record)."""
+    """Every shard is done: the manifest, abandoned attempts removed, then the reconciled
+    `_stats.json` (the completion record)."""
     infos = write_manifest(cfg, rd, tars, tok, grid)
+    named = {i["shard"]["name"] for i in infos.values() if i.get("shard")}
+    for p in rd.path.glob(f"*{codeshard.SHARD_SUFFIX}"):  # listed only to delete what no marker names
+        if p.name not in named:
+            p.unlink(missing_ok=True)
     n_in = sum(int(i["rows_in"]) for i in infos.values())
     damaged = {name: i["damaged"] for name, i in infos.items() if i.get("damaged")}
     secs = sum(float(i.get("seconds") or 0) for i in infos.values())

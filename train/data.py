@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from core.codeshard import CodeDataset, CodeShardError, Manifest
+from core import storage
+from core.codeshard import CodeDataset, CodeShardError, Manifest, stage
+from core.config import execution
 
 MICRO_COND_COLUMNS = ("orig_w", "orig_h", "crop_top", "crop_left")  # + the score, last
 TEXT_COLUMNS = ("caption", "long_caption")
@@ -24,13 +26,20 @@ TEXT_COLUMNS = ("caption", "long_caption")
 TYPICAL_ROWS = 1_000_000  # rows (evenly spaced) the sample grid's typical micro-conditions come from
 
 
+DEFAULT_CACHE = "~/.cache/tessera/codes"
+
+
 @dataclass
 class DataConfig:
-    path: str | None = None  # code-shard folder written by `pretokenize` (holds manifest.json)
+    # code-shard folder written by `pretokenize` (holds manifest.json): a local path, or an
+    # s3:// / gs:// URI whose shards are staged to `cache` (checked against the manifest) first
+    path: str | None = None
     long_caption_prob: float = 0.0  # probability of training on `long_caption` when a row has one
                                     # (rows without one always train on `caption`)
     default_score: float = 6.0  # aesthetic micro-condition for rows whose score is null
     verify_checksums: bool = False  # sha256 every shard against the manifest at start-up (slow)
+    # local folder that holds staged copies of code folders on object stores (reused by later runs)
+    cache: str = execution(DEFAULT_CACHE)
 
     def __post_init__(self) -> None:
         if not 0 <= self.long_caption_prob <= 1:
@@ -187,8 +196,12 @@ def typical_micro_conds(dataset: CodeDataset, default_score: float, max_rows: in
 
 
 def open_dataset(cfg: DataConfig) -> CodeDataset:
+    """The code folder, memory-mapped; one on an object store is staged to `cfg.cache` first
+    (core.codeshard.stage: every shard checked against the manifest, reused by later runs)."""
     if not cfg.path:
         raise CodeShardError("no code shards given: pass --data PATH (a pretokenize output folder)")
+    if storage.is_remote(cfg.path):
+        return CodeDataset(stage(cfg.path, cfg.cache), verify_checksums=cfg.verify_checksums)
     if not Path(cfg.path).is_dir():
         raise CodeShardError(f"{cfg.path}: not a folder; pass --data PATH (a pretokenize output folder)")
     return CodeDataset(cfg.path, verify_checksums=cfg.verify_checksums)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from core.codeshard import Manifest
-from core.config import ConfigError, to_dict
+from core.config import ConfigError, settings, to_dict
 from core.progress import make_progress
 from core.rundir import RunDir
 from core.trainlog import sample_path
@@ -265,7 +265,8 @@ class Trainer:
         """Write (or check) RUN/_config.yaml on the main rank (a different config is refused);
         every rank returns the config hash. Only rank 0 touches the folder (RunDir.open also
         clears temp files, which must not race with rank 0's writes)."""
-        identity = {"stage": to_dict(self.cfg), "data": {"tokenizer_sha256": self.manifest.tokenizer.sha256,
+        stage = {**to_dict(self.cfg), "data": settings(self.cfg.data)}  # where shards are cached is not identity
+        identity = {"stage": stage, "data": {"tokenizer_sha256": self.manifest.tokenizer.sha256,
                                                        "rows": self.manifest.num_rows, "grid": list(self.grid)}}
         if self.dist.is_main:
             RunDir.open(self.run_dir, f"train.{self.stage}", identity)

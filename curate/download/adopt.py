@@ -1,20 +1,23 @@
 """Adopting finished shards: verify, move into the output folder, ledger, mark done.
 
-img2dataset writes each shard into a staging folder of this attempt (OUT/_staging/<attempt>/)
-and its `_stats.json` last. As soon as that file appears the shard is verified
-(`curate.download.verify`) and, if whole, its three files are renamed to the top level, the
-ledger parts of the original shards it touches are rebuilt, and its marker is written: a kill
-at any moment loses at most the shards still being downloaded. A rerun first adopts the
-verified shards earlier attempts left in staging (a kill between img2dataset finishing a
-shard and its adoption), then fetches only the shards no verified copy holds.
+img2dataset writes each shard into a local staging folder of this attempt (<staging>/<attempt>/,
+see DownloadConfig.staging) and its `_stats.json` last. As soon as that file appears the shard
+is verified (`curate.download.verify`) and, if whole, its three files are committed to the
+output (`core.atomic.publish`: a rename on the same disk, an upload to an object store), the
+ledger parts of the original shards it touches are rebuilt, and its marker, naming the files,
+is written last: the same protocol on a disk and on an object store, and a kill at any moment
+loses at most the shards still being downloaded (a half-committed shard has no marker and is
+redone). Only the driver holding the output's lock or lease commits, so shard files keep their
+plain names. A rerun first adopts the verified shards earlier attempts left in staging (a kill
+between img2dataset finishing a shard and its adoption), then fetches only the shards no
+verified copy holds.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from core import ledger
+from core import atomic, ledger
 from core.rundir import RunDir
 from curate.download import ledger as download_ledger
 from curate.download.plan import ShardEntry, ShardPlan
@@ -29,14 +32,14 @@ def adopt(rd: RunDir, plan: ShardPlan, entry: ShardEntry, staging: Path, caption
     check = verify_shard(staging, name, entry.rows, caption=caption)
     if not check.ok:
         return check
+    sizes = {f"{k}_bytes": p.stat().st_size for k, p in shard_files(staging, name).items()}
     for src in shard_files(staging, name).values():
-        os.replace(src, rd.path / src.name)  # same filesystem: atomic per file
+        atomic.publish(src, rd.path / src.name)  # the stats file last, as img2dataset wrote it
     children = plan.children()
     for origin in entry.retry_of or (entry.id,):
         write_ledger_part(rd, plan, origin, children.get(origin, []), extra_done={entry.id})
-    files = shard_files(rd.path, name)
-    rd.mark_done(name, {"rows": check.rows, "kept": check.kept, "retry_of": list(entry.retry_of) or None,
-                        **{f"{k}_bytes": p.stat().st_size for k, p in files.items()}})
+    rd.mark_done(name, {"rows": check.rows, "kept": check.kept, "retry_of": list(entry.retry_of) or None, **sizes,
+                        "files": [p.name for p in shard_files(rd.path, name).values()]})
     return check
 
 
@@ -59,11 +62,10 @@ def adopt_finished(rd: RunDir, plan: ShardPlan, entries: list[ShardEntry], stagi
     return failed
 
 
-def adopt_leftovers(rd: RunDir, plan: ShardPlan, caption: bool) -> int:
-    """Adopt the verified shards that earlier (killed) attempts left in staging, then remove
-    those attempts; returns how many were adopted. The caller holds the folder's lock, so no
-    worker of an earlier run is still writing there."""
-    root = rd.path / STAGING
+def adopt_leftovers(rd: RunDir, plan: ShardPlan, caption: bool, root: Path) -> int:
+    """Adopt the verified shards that earlier (killed) attempts left in the staging folder
+    `root`, then remove those attempts; returns how many were adopted. The caller holds the
+    folder's lock, so no worker of an earlier run is still writing there."""
     adopted = 0
     for attempt in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
         for entry in plan.shards:

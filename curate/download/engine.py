@@ -26,13 +26,12 @@ import os
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from img2dataset.downloader import Downloader, is_disallowed
 from img2dataset.reader import Reader
 from img2dataset.resizer import Resizer
 from PIL import Image
 
-from core import laion
+from core import laion, storage
 from curate.download.plan import SOURCE_COLUMNS, ShardEntry
 
 from core.image import needs_normalize, normalize
@@ -128,17 +127,18 @@ def apply_process_limits(limits: Limits) -> None:
 
 
 def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    pf = pq.ParquetFile(path)
-    parts, offset = [], 0
-    for i in range(pf.num_row_groups):
-        n = pf.metadata.row_group(i).num_rows
-        if offset < stop and offset + n > start:
-            group = pf.read_row_group(i, columns=columns)
-            parts.append(group.slice(max(0, start - offset), min(stop, offset + n) - max(start, offset)))
-        offset += n
-    if not parts:
-        return pf.schema_arrow.empty_table().select(columns)
+    """Rows [start, stop) of a parquet file (local or on an object store), reading only the
+    row groups that hold them."""
+    with storage.parquet_file(path) as pf:
+        parts, offset = [], 0
+        for i in range(pf.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                group = pf.read_row_group(i, columns=columns)
+                parts.append(group.slice(max(0, start - offset), min(stop, offset + n) - max(start, offset)))
+            offset += n
+        if not parts:
+            return pf.schema_arrow.empty_table().select(columns)
     return pa.concat_tables(parts)
 
 

@@ -8,24 +8,25 @@ whenever S or one of its retry shards finishes, so a killed run never doubles a 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
-from core import ledger
-from curate.download.errors import TRANSIENT, classify
+from core import ledger, storage
+from core.storage import AnyPath
+from curate.download.errors import classify
 from curate.download.plan import ShardEntry
 
 STEP = "download"
 _OUTCOME_COLUMNS = ["source_row", "source_shard", "key", "status", "error_message"]
 
 
-def outcomes(parquet: Path, shard_id: int | None = None) -> dict[int, tuple[str, str, str | None]]:
-    """source_row -> (key, status, error_message) of one shard parquet (rows of `shard_id` only)."""
-    t = pq.read_table(parquet, columns=_OUTCOME_COLUMNS)
+def outcomes(parquet: AnyPath, shard_id: int | None = None) -> dict[int, tuple[str, str, str | None]]:
+    """source_row -> (key, status, error_message) of one shard parquet (rows of `shard_id` only;
+    one shard's rows: a bounded dict)."""
+    t = storage.read_parquet(parquet, columns=_OUTCOME_COLUMNS)
     cols = [t.column(c).to_pylist() for c in _OUTCOME_COLUMNS]
     return {r: (k, s, e) for r, src, k, s, e in zip(*cols) if shard_id is None or src == shard_id}
 
@@ -37,7 +38,7 @@ def record(row: int, key: str, status: str, message: str | None) -> dict[str, An
     return {"row": row, "key": key, "state": "failed", "reason": classify(status, message), "value": f"{status}: {message}"}
 
 
-def build_part(entry: ShardEntry, own: Path, retries: list[Path]) -> pa.Table:
+def build_part(entry: ShardEntry, own: AnyPath, retries: list[AnyPath]) -> pa.Table:
     """Ledger part of original shard `entry` from its parquet `own` and its retry parquets
     (in shard order; later wins). Raises if a planned row is missing or an extra one appears."""
     final = outcomes(own)
@@ -49,25 +50,14 @@ def build_part(entry: ShardEntry, own: Path, retries: list[Path]) -> pa.Table:
     return ledger.rows(STEP, entry.source or "", [record(r, *final[r]) for r in expected])
 
 
-def failed_reasons(out: Path) -> dict[str, int]:
+def failed_reasons(out: AnyPath) -> dict[str, int]:
     """reason -> count over every failed row (for _stats.json and the summary)."""
-    folder = out / ledger.LEDGER_DIR
-    if not any(folder.glob("*.parquet")):
+    parts = ledger.parts(out)
+    if not parts:
         return {}
-    sql = f"SELECT reason, count(*) FROM read_parquet('{folder}/[!_]*.parquet') WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC"
+    fs, _ = storage.arrow_fs(parts[0])
+    dataset = ds.dataset([storage.arrow_fs(p)[1] for p in parts], filesystem=fs, format="parquet")
     with duckdb.connect() as con:
-        return {r: int(n) for r, n in con.execute(sql).fetchall()}
-
-
-def transient_keys(out: Path) -> list[str]:
-    """Sample keys whose final state is a transient failure (timeouts, 408/429, 5xx, resets)."""
-    folder = out / ledger.LEDGER_DIR
-    if not any(folder.glob("*.parquet")):
-        return []
-    listed = ", ".join(f"'{c}'" for c in sorted(TRANSIENT))
-    sql = (
-        f"SELECT key FROM read_parquet('{folder}/[!_]*.parquet') WHERE state = 'failed' "
-        f"AND (reason IN ({listed}) OR regexp_full_match(reason, 'http_5[0-9][0-9]')) ORDER BY key"
-    )
-    with duckdb.connect() as con:
-        return [k for (k,) in con.execute(sql).fetchall()]
+        con.register("ledger_parts", dataset)
+        rows = con.execute("SELECT reason, count(*) FROM ledger_parts WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1")
+        return {r: int(n) for r, n in rows.fetchall()}

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from core import atomic
+from core import atomic, storage
+from core.storage import AnyPath
 
 SOURCE_COLUMNS = ("source_file", "source_row", "source_shard")
 VERSION = 2
@@ -75,22 +75,24 @@ class ShardPlan:
         shards = [ShardEntry(**{**e, "retry_of": tuple(e.get("retry_of") or ())}) for e in doc["shards"]]
         return cls(doc["digits"], doc["key_digits"], shards, doc.get("version", VERSION))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: AnyPath) -> None:
         atomic.write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> "ShardPlan":
+    def load(cls, path: AnyPath) -> "ShardPlan":
         return cls.from_json(json.loads(path.read_text()))
 
 
-def make_plan(files: list[Path], samples_per_shard: int) -> ShardPlan:
-    """Cut every input file into shards of `samples_per_shard` rows, numbered from 0."""
+def make_plan(files: list[AnyPath], samples_per_shard: int) -> ShardPlan:
+    """Cut every input file (local or on an object store) into shards of `samples_per_shard`
+    rows, numbered from 0."""
     shards: list[ShardEntry] = []
-    for f in files:
-        n = pq.ParquetFile(f).metadata.num_rows
+    for f in map(storage.path, files):
+        with storage.parquet_file(f) as pf:
+            n = pf.metadata.num_rows
         for start in range(0, n, samples_per_shard):
             stop = min(n, start + samples_per_shard)
-            shards.append(ShardEntry(len(shards), str(f.resolve()), start, stop, source=f.name))
+            shards.append(ShardEntry(len(shards), str(f), start, stop, source=f.name))
     return ShardPlan(
         digits=max(5, len(str(len(shards))) + 1),
         key_digits=math.ceil(math.log10(samples_per_shard)),
@@ -98,16 +100,29 @@ def make_plan(files: list[Path], samples_per_shard: int) -> ShardPlan:
     )
 
 
-def add_retry_shards(plan: ShardPlan, rows: pa.Table, samples_per_shard: int, folder: Path) -> list[ShardEntry]:
-    """Append shards re-queueing `rows` (full input rows with SOURCE_COLUMNS) after the last
-    shard; their inputs go to folder/NNNNN.parquet. Returns the new entries."""
+def add_retry_shards(plan: ShardPlan, parts: Iterable[pa.Table], samples_per_shard: int,
+                     folder: AnyPath) -> list[ShardEntry]:
+    """Append shards re-queueing the rows of `parts` (full input rows with SOURCE_COLUMNS, a
+    stream of tables) after the last shard, `samples_per_shard` rows each; their inputs go to
+    folder/NNNNN.parquet. At most one shard's rows are held at a time. Returns the new entries."""
     new: list[ShardEntry] = []
-    for start in range(0, rows.num_rows, samples_per_shard):
-        part = rows.slice(start, samples_per_shard)
+    pending: list[pa.Table] = []
+
+    def flush(rows: pa.Table) -> None:
         sid = len(plan.shards) + len(new)
         path = folder / f"{plan.name(sid)}.parquet"
-        atomic.write_parquet(path, part)
-        origins = tuple(sorted(set(part.column("source_shard").to_pylist())))
-        new.append(ShardEntry(sid, str(path), 0, part.num_rows, retry_of=origins))
+        atomic.write_parquet(path, rows)
+        origins = tuple(sorted(set(pc.unique(rows.column("source_shard")).to_pylist())))
+        new.append(ShardEntry(sid, str(path), 0, rows.num_rows, retry_of=origins))
+
+    for part in parts:
+        pending.append(part)
+        while sum(t.num_rows for t in pending) >= samples_per_shard:
+            rows = pa.concat_tables(pending).combine_chunks()
+            flush(rows.slice(0, samples_per_shard))
+            pending = [rows.slice(samples_per_shard)]
+    rest = pa.concat_tables(pending) if pending else None
+    if rest is not None and rest.num_rows:
+        flush(rest)
     plan.shards.extend(new)
     return new

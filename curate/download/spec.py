@@ -74,6 +74,9 @@ def worker_spec(cfg: Any, staging: Path, columns: dict[str, Any], plan: ShardPla
         "max_aspect_ratio": cfg.max_aspect_ratio,
         "max_seconds": cfg.max_download_seconds,
     }
-    return {"i2d": i2d_kwargs(cfg, staging, columns, plan, entries[0].file, address), "limits": limits,
+    # img2dataset lists its `url_list` but never reads it here (PlannedReader yields the plan's
+    # rows, reading local or object-store inputs itself): a local name keeps it off fsspec's s3.
+    placeholder = str(staging / "_input_read_by_plan.parquet")
+    return {"i2d": i2d_kwargs(cfg, staging, columns, plan, placeholder, address), "limits": limits,
             "network": {"allow_networks": list(cfg.allow_networks)},
             "plan": [asdict(e) for e in entries], "columns": columns, "ray_address": address}

@@ -1,43 +1,50 @@
 """`curate download`: img2dataset into verified webdataset shards, with full accounting.
 
-Input: the parquet folder a previous curate step wrote (`IN/*.parquet`, `_` names skipped).
-Output folder OUT:
+Input: the parquet folder a previous curate step wrote (the parts its `_stats.json` names,
+else `IN/*.parquet` with `_` names skipped) or one file. Output folder OUT:
     NNNNN.tar, NNNNN.parquet, NNNNN_stats.json   img2dataset's webdataset shards (verified)
     _plan.json        the shard plan (curate.download.plan)
-    _done/NNNNN.json  completion marker of a verified shard (sizes, counts)
+    _done/NNNNN.json  completion marker of a verified shard (sizes, counts, the files it commits)
     _ledger/NNNNN.parquet  one part per original shard: every input row kept or failed
-    _retry/NNNNN.parquet   inputs of retry shards (`--retry-failed`)
-    _staging/<attempt>/    img2dataset's output while it runs
+    _retry/NNNNN.parquet   inputs of retry shards (`--retry-failed`); _retry/_select/: the
+                      transient failures of each original shard, with their input rows
     _logs/            img2dataset's output and spec per call; _stats.json: the reconciled counts
+                      and the shards ("parts")
+Input and output may be local paths or object-store URIs (s3://, gs://; core.storage).
+img2dataset always writes to a LOCAL staging folder (`staging`: OUT/_staging for a local OUT,
+else a folder under the system's temp directory): the fast local disk it expects.
 
 A run plans the shards once, adopts what earlier attempts left verified in staging, and runs
 img2dataset once (in `curate.download.worker`, a subprocess under `curate.download.watchdog`)
 over the shards without a marker; each shard is verified and adopted as soon as img2dataset
-finishes it (`curate.download.adopt`). A shard that fails verification is left unmarked and
-the step ends incomplete: rerun to redo exactly those.
+finishes it (`curate.download.adopt`: committed to OUT by a rename or an upload, then its
+ledger, then its marker). A shard that fails verification is left unmarked and the step ends
+incomplete: rerun to redo exactly those.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from core import atomic, laion, ledger, rundir
+from core import atomic, laion, ledger, rundir, storage
 from core.config import ConfigError, execution
 from core.errors import StepIncomplete
+from core.ray_util import joined_address
 from core.rundir import RunDir, hold_lock
-from curate.download import adopt
+from core.storage import AnyPath
+from core.units import Unit, run_units
+from curate.download import adopt, retry
 from curate.download.addresses import parse_networks
 from curate.download import ledger as download_ledger
 from curate.download.plan import SOURCE_COLUMNS, ShardEntry, ShardPlan, add_retry_shards, make_plan
-from curate.download.spec import worker_spec
+from curate.download.spec import distributor_address, worker_spec
 from curate.download.verify import ShardCheck
 from curate.download.watchdog import supervise
 from curate.steps import Step
@@ -97,6 +104,10 @@ class DownloadConfig:
     # (--ray-address, RAY_ADDRESS, ray.address), else local processes; ray | multiprocessing to choose.
     distributor: str = execution("auto")
     retry_failed: bool = execution(False)  # after the run, re-queue transient failures into new shards
+    # Local folder img2dataset writes into before each shard is verified and committed to the
+    # output (null: OUT/_staging for a local output, else <temp dir>/tessera-download/<output's
+    # digest>). Keep it on the same machine between a run and its rerun to adopt finished shards.
+    staging: str | None = execution(None)
     allow_incomplete: bool = execution(False)  # use an unfinished upstream folder (no _stats.json) as it is
 
     def __post_init__(self) -> None:
@@ -128,18 +139,26 @@ class DownloadConfig:
 # ---------------------------------------------------------------- inputs and plan
 
 
-def list_inputs(inp: str | os.PathLike) -> list[Path]:
-    """The input parquet files: a folder's `*.parquet` (skipping `_` names) or one file."""
-    p = Path(inp)
-    files = [p] if p.is_file() else sorted(x for x in p.glob("*.parquet") if not x.name.startswith("_"))
+def list_inputs(inp: str | os.PathLike) -> list[AnyPath]:
+    """The input parquet files: the parts a step's folder names in its records, a folder's
+    `*.parquet` (skipping `_` names), or one file; local or on an object store."""
+    p = storage.path(inp)
+    if p.is_file():
+        return [p]
+    files = rundir.recorded_files(p, ".parquet") if p.is_dir() else []
+    if files is None:
+        files = sorted((x for x in p.glob("*.parquet") if not x.name.startswith("_")), key=str)
     if not files:
         raise ConfigError(f"{inp}: no input parquet files (expected the output folder of a curate step)")
     return files
 
 
-def input_columns(cfg: DownloadConfig, files: list[Path]) -> dict[str, Any]:
+def input_columns(cfg: DownloadConfig, files: list[AnyPath]) -> dict[str, Any]:
     """Which metadata columns to carry, checked against every input file's schema."""
-    names = [set(pq.read_schema(f).names) for f in files]
+    names = []
+    for f in files:
+        with storage.parquet_file(f) as pf:
+            names.append(set(pf.schema_arrow.names))
     for f, cols in zip(files, names):
         missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in cols]
         if missing:
@@ -151,13 +170,37 @@ def input_columns(cfg: DownloadConfig, files: list[Path]) -> dict[str, Any]:
     return {"url": cfg.url_col, "caption": cfg.caption_col, "extra": extra, "compute_hash": "hash" not in common}
 
 
-def load_plan(rd: RunDir, cfg: DownloadConfig, files: list[Path]) -> ShardPlan:
+def load_plan(rd: RunDir, cfg: DownloadConfig, files: list[AnyPath]) -> ShardPlan:
     path = rd.path / "_plan.json"
     if path.is_file():
         return ShardPlan.load(path)
     plan = make_plan(files, cfg.samples_per_shard)
     plan.save(path)
     return plan
+
+
+def staging_root(cfg: DownloadConfig, rd: RunDir) -> Path:
+    """The local folder img2dataset's attempts write into (see DownloadConfig.staging)."""
+    if cfg.staging:
+        return Path(cfg.staging).absolute()
+    if isinstance(rd.path, Path):
+        return rd.path / adopt.STAGING
+    digest = hashlib.sha256(str(rd.path).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "tessera-download" / digest
+
+
+def check_staging(cfg: DownloadConfig, rd: RunDir) -> None:
+    """img2dataset's Ray workers write into the staging folder: with an output in a bucket and
+    a cluster of several nodes, a default (node-local) staging folder would never show the
+    driver the other nodes' shards."""
+    if cfg.staging or isinstance(rd.path, Path) or distributor_address(cfg.distributor) is None:
+        return
+    import ray
+
+    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        raise ConfigError(f"{rd.path}: img2dataset's Ray workers on {len(ray.nodes())} nodes write into the staging "
+                          "folder: pass --staging with a folder every node sees (a shared filesystem), or set "
+                          "distributor: multiprocessing to download from this machine only")
 
 
 # ---------------------------------------------------------------- one img2dataset call
@@ -168,7 +211,7 @@ def download_batch(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPl
     """One img2dataset call over `entries`, each shard adopted as it finishes; returns the
     checks of the shards that did not end verified."""
     attempt = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{os.getpid()}"
-    staging = rd.path / adopt.STAGING / attempt
+    staging = staging_root(cfg, rd) / attempt
     staging.mkdir(parents=True)
     caption = bool(cfg.caption_col)
 
@@ -186,45 +229,49 @@ def download_batch(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPl
 
 
 def run_worker(rd: RunDir, spec: dict[str, Any], staging: Path, poll: Any, total: int, stall_seconds: float) -> int:
-    """Run img2dataset in `curate.download.worker` under the watchdog; its log and spec in OUT/_logs."""
-    logs = rd.path / "_logs"
-    logs.mkdir(exist_ok=True)
+    """Run img2dataset in `curate.download.worker` under the watchdog. Its spec and log are
+    written beside the staging attempt (the worker reads a local file) and kept in OUT/_logs."""
     stamp = f"img2dataset-{staging.name}"
-    spec_path, log = logs / f"{stamp}.spec.json", logs / f"{stamp}.log"
+    spec_path, log = staging.parent / f"{stamp}.spec.json", staging.parent / f"{stamp}.log"
     atomic.write_json(spec_path, spec)
     env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS=str(spec["limits"]["max_pixels"]), PYTHONUNBUFFERED="1",
                NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "curate.download.worker", str(spec_path)]
-    return supervise(cmd, env, log, staging, poll, total, stall_seconds, lock_fd=hold_lock(rd.path))
+    try:
+        return supervise(cmd, env, log, staging, poll, total, stall_seconds, lock_fd=hold_lock(rd.path))
+    finally:
+        for local in (spec_path, log):
+            if local.is_file():
+                atomic.publish(local, rd.path / "_logs" / local.name)
 
 
 # ---------------------------------------------------------------- retry of transient failures
 
 
 def plan_retries(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPlan) -> list[ShardEntry]:
-    """Write the transient failures' input rows as new shards after the last one; returns them."""
-    keys = download_ledger.transient_keys(rd.path)
-    if not keys:
-        return []
-    new = add_retry_shards(plan, retry_rows(rd, cfg, columns, plan, keys), cfg.samples_per_shard, rd.path / "_retry")
-    plan.save(rd.path / "_plan.json")
+    """Re-queue the transient failures as new shards after the last one; returns them. Each
+    original shard's failures are joined with its shards' parquets in a task of their own
+    (`retry.select_unit`: one shard's keys at a time, as Arrow); the retry shards are then cut
+    from those parts as a stream, one shard's rows in memory at a time."""
+    originals = plan.originals()
+    select = rd.path / retry.SELECT_DIR
+    children = plan.children()
+    units = [Unit(f"retry.{plan.name(e.id)}",
+                  (str(rd.path / ledger.LEDGER_DIR / f"{plan.name(e.id)}.parquet"),
+                   [str(rd.path / f"{plan.name(s)}.parquet") for s in (e.id, *children.get(e.id, []))],
+                   plan.key_digits, columns, str(select / f"{plan.name(e.id)}.parquet")),
+                  input=rundir.file_identity(rd.path / ledger.LEDGER_DIR / f"{plan.name(e.id)}.parquet"))
+             for e in originals]
+    infos = run_units(rd, units, retry.select_unit, "download: selecting transient failures",
+                      executor="ray" if joined_address() else "local")
+    parts = [str(select / f"{plan.name(e.id)}.parquet") for e, i in zip(originals, infos) if i["rows"]]
+    new = add_retry_shards(plan, retry.read_parts(parts), cfg.samples_per_shard, rd.path / "_retry")
+    if new:
+        plan.save(rd.path / "_plan.json")
+    for u in units:  # the next --retry-failed selects again from the ledger it will leave
+        rd.marker(u.name).unlink(missing_ok=True)
+    storage.rmtree(select)
     return new
-
-
-def retry_rows(rd: RunDir, cfg: DownloadConfig, columns: dict, plan: ShardPlan, keys: list[str]) -> pa.Table:
-    """The full input rows (original column names) of the samples `keys`, from their shard parquets."""
-    by_shard: dict[int, set[str]] = {}
-    for k in keys:
-        by_shard.setdefault(plan.shard_of_key(k), set()).add(k)
-    wanted = ["url", "caption", *columns["extra"], *SOURCE_COLUMNS]
-    parts = []
-    for sid, ks in sorted(by_shard.items()):
-        t = pq.read_table(rd.path / f"{plan.name(sid)}.parquet", columns=wanted + ["key"])
-        mask = pa.array([k in ks for k in t.column("key").to_pylist()])
-        parts.append(t.filter(mask).select(wanted))
-    table = pa.concat_tables(parts)
-    names = {"url": cfg.url_col, "caption": cfg.caption_col}
-    return table.rename_columns([names.get(c, c) for c in table.column_names])
 
 
 # ---------------------------------------------------------------- the step
@@ -238,8 +285,9 @@ def run(cfg: DownloadConfig, inp: str, out: str) -> dict[str, Any]:
     files = list_inputs(inp)
     columns = input_columns(cfg, files)
     rd = RunDir.open(out, "download", rundir.identity(cfg, rundir.fingerprint(inp, files)))
+    check_staging(cfg, rd)
     plan = load_plan(rd, cfg, files)
-    adopt.adopt_leftovers(rd, plan, bool(cfg.caption_col))
+    adopt.adopt_leftovers(rd, plan, bool(cfg.caption_col), staging_root(cfg, rd))
     adopt.rebuild_missing_ledgers(rd, plan)
     todo = adopt.pending(rd, plan)
     if todo:
@@ -256,6 +304,7 @@ def run(cfg: DownloadConfig, inp: str, out: str) -> dict[str, Any]:
 
 
 def write_stats(rd: RunDir, plan: ShardPlan) -> dict[str, Any]:
+    """The completion record: reconciled counts, and the shards it commits ("parts")."""
     originals = plan.originals()
     return ledger.write_stats(
         rd.path,
@@ -265,6 +314,7 @@ def write_stats(rd: RunDir, plan: ShardPlan) -> dict[str, Any]:
         shards=len(originals),
         retry_shards=len(plan.shards) - len(originals),
         failed_reasons=download_ledger.failed_reasons(rd.path),
+        parts=[f"{plan.name(e.id)}.tar" for e in plan.shards],
     )
 
 

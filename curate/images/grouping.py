@@ -46,11 +46,15 @@ def placeholder_hashes(phash: np.ndarray, host_code: np.ndarray, threshold: int)
 
 
 def components(sha: np.ndarray, phash: np.ndarray, d: int, bands: int | None) -> np.ndarray:
-    """Group root of each row: equal sha256 first (collapsed), then pHash within d (MIH).
-    `sha` may be the digests or any integer codes of them."""
+    """Group root of each row: equal sha256 first (collapsed; a digest's pHash is that of its
+    first row), then pHash within d (MIH). The root is the component's first row, whatever
+    else the table holds. `sha` may be the digests or any integer codes of them."""
     _, first, inverse = np.unique(sha, return_index=True, return_inverse=True)
-    rep_labels = mih.group_labels(phash[first], d, bands)  # index into `first`
-    return first[rep_labels][inverse]
+    by_row = np.argsort(first)  # digests in the order of their first row
+    rank = np.empty_like(by_row)
+    rank[by_row] = np.arange(by_row.size)
+    rep_labels = mih.group_labels(phash[first[by_row]], d, bands)  # smallest member = earliest first row
+    return first[by_row][rep_labels][rank[inverse]]
 
 
 def kept_rows(group: np.ndarray, aesthetic: np.ndarray, area: np.ndarray, key_rank: np.ndarray) -> np.ndarray:

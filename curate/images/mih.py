@@ -76,6 +76,46 @@ def choose_bands(n: int, d: int, width: int = HASH_BITS) -> int:
     return min(options, key=lambda b: (expected_cost(n, d, b, width), b))
 
 
+# ---------------------------------------------------------------- MIH split across tasks
+#
+# A table's key is the OR of B-d bands, so two hashes with equal keys in table t agree on every
+# band of t. Assign each table to one of the first d+1 bands ("index bands"; every table holds
+# at least one: it leaves out only d of the B bands) and cut the hashes by their value in each
+# index band: a task given "index band s, values in range r" sees every pair that could match
+# in the tables of s. Each hash is sent to d+1 tasks (one per index band), whatever B is.
+
+
+def assign_tables(width: int, bands: int, d: int) -> list[list[int]]:
+    """Per index band s (0..d): the key masks of the tables assigned to it. Each of the
+    C(bands, d) tables goes to the index band it contains that has the fewest tables so far."""
+    masks = band_masks(width, bands)
+    out: list[list[int]] = [[] for _ in range(d + 1)]
+    for subset in itertools.combinations(range(bands), bands - d):
+        home = min((b for b in subset if b <= d), key=lambda b: (len(out[b]), b))
+        out[home].append(functools.reduce(operator.or_, (masks[b] for b in subset)))
+    return out
+
+
+def band_part(h: np.ndarray, band_mask: int, parts: int) -> np.ndarray:
+    """Which of `parts` ranges (a power of 2, <= 2**band width) each hash's value in one band
+    falls into: its top log2(parts) bits. Equal band values always share a range."""
+    width = bin(band_mask).count("1")
+    bits = parts.bit_length() - 1
+    if parts != 1 << bits or bits > width:
+        raise ValueError(f"parts must be a power of 2 up to 2**{width}, got {parts}")
+    shift = (band_mask & -band_mask).bit_length() - 1 + width - bits
+    return ((np.asarray(h, dtype=U64) >> U64(shift)) & U64(parts - 1)).astype(np.int64)
+
+
+def partition_pairs(u: np.ndarray, d: int, key_masks: list[int], max_run: int = MAX_RUN) -> tuple[np.ndarray, np.ndarray]:
+    """Verified pairs (i, j), i < j, of DISTINCT hashes `u` in the tables `key_masks` (one
+    task's share: its index band's tables, over the hashes of its range)."""
+    found = [table_pairs(u, d, mask, HASH_BITS, max_run) for mask in key_masks]
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return _dedupe(np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]), max(1, u.size))
+
+
 def run_bounds(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (exclusive) of each run of equal values in a sorted array."""
     if sorted_keys.size == 0:
@@ -147,13 +187,13 @@ def distinct_pairs(
     bands = bands or choose_bands(n, d, width)
     found_i, found_j = [], []
     for key_mask in table_masks(width, bands, d):
-        i, j = _table_pairs(h, d, key_mask, width, max_run)
+        i, j = table_pairs(h, d, key_mask, width, max_run)
         found_i.append(i)
         found_j.append(j)
     return _dedupe(np.concatenate(found_i), np.concatenate(found_j), n)
 
 
-def _table_pairs(h: np.ndarray, d: int, key_mask: int, width: int, max_run: int) -> tuple[np.ndarray, np.ndarray]:
+def table_pairs(h: np.ndarray, d: int, key_mask: int, width: int, max_run: int) -> tuple[np.ndarray, np.ndarray]:
     """Verified pairs of one table: sort by key, pair within runs, recurse into giant runs."""
     keys = h & U64(key_mask)
     order = np.argsort(keys)  # stability not needed: pairs are deduplicated and sorted after

@@ -1,13 +1,17 @@
-"""Near-dup outputs: the keep list, the groups table, the ledger and (optionally) kept-only shards."""
+"""Near-dup outputs: kept-only shards (a unit per shard), and the single-pass reference outputs.
+
+`write_kept_shard` is the step's unit for `write_shards`. `keep_table`, `groups_table` and
+`write_ledger` build the step's outputs from `grouping.decide`'s single-pass decisions: the
+reference that the task-based grouping (`curate.images.group_tasks`) must equal, used by the
+tests and by bench/scale_neardup.py's baseline, not by the step."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from core import atomic, keeplist, ledger
+from core import atomic, keeplist, ledger, storage
 from core.imageshard import iter_shard, write_shard
 from curate.images.grouping import Decisions
 
@@ -55,14 +59,18 @@ def write_ledger(out: Path, table: pa.Table, dec: Decisions) -> None:
         ledger.write(out, Path(source[start]).stem, full.slice(start, end - start))
 
 
-def write_kept_shard(shard: str, keep_list: str, out: str) -> dict[str, int]:
-    """Unit: OUT/<shard>.tar with only the kept samples, plus their img2dataset parquet rows."""
+def write_kept_shard(shard: str, keep_list: str, out: str) -> dict:
+    """Unit: OUT/<shard>.tar with only the kept samples, plus their img2dataset parquet rows
+    (the shard, the keep list and OUT may be local or on an object store)."""
+    shard_path, out_path = storage.path(shard), storage.path(out)
     wanted = keeplist.keys_for(keep_list, shard)
-    n = write_shard(Path(out) / Path(shard).name, (s for s in iter_shard(shard) if s.key in wanted))
-    meta_path = Path(shard).with_suffix(".parquet")
+    n = write_shard(out_path / shard_path.name, (s for s in iter_shard(shard_path) if s.key in wanted))
+    files = [shard_path.name]
+    meta_path = shard_path.with_suffix(".parquet")
     if meta_path.exists():
-        meta = pq.read_table(meta_path)
+        meta = storage.read_parquet(meta_path)
         if "key" in meta.column_names:
             mask = pa.array([k in wanted for k in meta["key"].to_pylist()], pa.bool_())
-            atomic.write_parquet(Path(out) / meta_path.name, meta.filter(mask))
-    return {"samples": n}
+            atomic.write_parquet(out_path / meta_path.name, meta.filter(mask))
+            files.append(meta_path.name)
+    return {"samples": n, "files": files}

@@ -10,27 +10,29 @@ has them) decodes the images, scores them in batches and writes OUT/<shard>.parq
     punsafe      Yahoo Open-NSFW, P(nsfw)                                (--nsfw)
 
 A score that is not computed keeps the value the sample's metadata carried (or null), so
-the folder is valid input for `curate filter --input OUT`. An undecodable image is `failed`
-in the ledger and has no row; every other sample is `kept`.
+the folder is valid input for `curate filter --input OUT` (its `_stats.json` names the parts).
+An undecodable image is `failed` in the ledger and has no row; every other sample is `kept`.
+Shards, keep list and output may be local or on an object store (core.storage): shards are
+streamed, each part is written whole and committed by its unit's marker.
 """
 from __future__ import annotations
 
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from core import atomic, keeplist, laion, ledger, rundir
+from core import atomic, keeplist, laion, ledger, rundir, storage
 from core.config import execution, to_dict
 from core.errors import StepIncomplete
 from core.image import DEFAULT_MAX_PIXELS, DecodeError, open_image, to_rgb
 from core.imageshard import MAX_MEMBER_BYTES, ReadReport, iter_shard, list_shards
 from core.ray_util import cluster_cpus, cluster_gpus, init_ray
 from core.rundir import RunDir
+from core.storage import AnyPath
 from core.units import EXECUTORS, Resources, Unit, run_units
 from curate.images.scorers import ScorerError, require_file
 from curate.steps import Step
@@ -180,7 +182,7 @@ def decoded_batches(rows: Iterator[tuple[int, Any]], cfg: ScoreConfig, pool: Thr
         yield [(i, s, f.result()) for i, s, f in current]
 
 
-def score_shard(scorers: Scorers, shard: Path, cfg: ScoreConfig, threads: int = 1,
+def score_shard(scorers: Scorers, shard: AnyPath, cfg: ScoreConfig, threads: int = 1,
                 keep: frozenset[str] | None = None) -> tuple[pa.Table, pa.Table]:
     """(scores table, ledger table) of one shard; images are scored `batch_size` at a time.
     With `keep`, only those keys are input rows (the rest were dropped by an earlier step)."""
@@ -220,10 +222,12 @@ def score_unit(scorers: Scorers, shard: str, keep_list: str | None, out: str) ->
     """Unit: score one shard (only its kept samples, with a keep list) into OUT/<shard>.parquet
     and its ledger part."""
     keep = keeplist.keys_for(keep_list, shard) if keep_list else None
-    table, led = score_shard(scorers, Path(shard), scorers.cfg, scorers.cfg.cpus_per_actor, keep)
-    atomic.write_parquet(Path(out) / f"{Path(shard).stem}.parquet", table)
-    ledger.write(out, Path(shard).stem, led)
-    return {"rows": led.num_rows, "scored": table.num_rows}
+    shard_path = storage.path(shard)
+    table, led = score_shard(scorers, shard_path, scorers.cfg, scorers.cfg.cpus_per_actor, keep)
+    atomic.write_parquet(storage.path(out) / f"{shard_path.stem}.parquet", table)
+    ledger.write(out, shard_path.stem, led)
+    return {"rows": led.num_rows, "scored": table.num_rows,
+            "files": [f"{shard_path.stem}.parquet", f"{ledger.LEDGER_DIR}/{shard_path.stem}.parquet"]}
 
 
 # ---------------------------------------------------------------- the step
@@ -237,16 +241,16 @@ def check_paths(cfg: ScoreConfig) -> ScoreConfig:
         if out[field]:
             out[field] = str(require_file(out[field], what).resolve())
     if out["keep_list"]:
-        if not Path(out["keep_list"]).is_file():
+        if not storage.path(out["keep_list"]).is_file():
             raise FileNotFoundError(f"keep list not found: {out['keep_list']}")
-        out["keep_list"] = str(Path(out["keep_list"]).resolve())
+        out["keep_list"] = str(storage.path(out["keep_list"]))
     return ScoreConfig(**out)
 
 
 def resolve_input(inp: str, cfg: ScoreConfig) -> tuple[str, ScoreConfig]:
     """A neardup output folder (keep.parquet, no shards) stands for its input shards + its
     keep list, so `neardup` then `score` works without copying images."""
-    folder = Path(inp)
+    folder = storage.path(inp)
     record = rundir.step_record(folder)
     if cfg.keep_list or record is None or record["step"] != "neardup" or list_shards(folder):
         return inp, cfg
@@ -264,7 +268,7 @@ def run(cfg: ScoreConfig, inp: str, out: str) -> dict[str, Any]:
     keep_id = None
     if cfg.keep_list:
         keeplist.check(cfg.keep_list)
-        record = rundir.step_record(Path(cfg.keep_list).parent)
+        record = rundir.step_record(storage.path(cfg.keep_list).parent)
         keep_id = record["record"] if record and record["complete"] else rundir.file_identity(cfg.keep_list)
     rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp)))
     keep_list = keeplist.canonical(cfg.keep_list, rd.path) if cfg.keep_list else None
@@ -283,7 +287,7 @@ def run(cfg: ScoreConfig, inp: str, out: str) -> dict[str, Any]:
             raise
         raise ScorerError(message) from exc
     return ledger.write_stats(rd.path, STEP_NAME, sum(i["rows"] for i in infos), ledger.counts(rd.path),
-                              shards=len(shards), scores=cfg.scores())
+                              shards=len(shards), scores=cfg.scores(), parts=[f"{s.stem}.parquet" for s in shards])
 
 
 def _cpus(cfg: ScoreConfig) -> int:

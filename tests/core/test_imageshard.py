@@ -132,3 +132,18 @@ def test_read_samples_survives_truncation_and_refuses_unsafe_members(tmp_path):
     assert sorted(read_samples(shard, {"00000", "00005"})) == ["00000"]
     raw_tar(tmp_path / "bad.tar", [("../00000.jpg", b"x"), ("/abs/00001.jpg", b"y")])
     assert read_samples(tmp_path / "bad.tar", {"../00000", "/abs/00001", "00000"}) == {}
+
+
+def test_a_step_folder_lists_the_shards_its_records_name(tmp_path):
+    """Readers trust records, never listings: a tar no record names (an abandoned attempt, an
+    upload still in flight) is not read."""
+    from core import atomic
+
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        write_shard(tmp_path / name, [Sample("k", b"x", "jpg", "c", {})])
+    assert [p.name for p in list_shards(tmp_path)] == ["00000.tar", "00001.tar", "00002.tar"]  # a plain folder
+    (tmp_path / "_config.yaml").write_text("step: download\n")
+    atomic.write_json(tmp_path / "_done" / "00001.json", {"files": ["00001.tar", "00001.parquet"]})
+    assert [p.name for p in list_shards(tmp_path)] == ["00001.tar"]  # unfinished: what the markers name
+    atomic.write_json(tmp_path / "_stats.json", {"parts": ["00000.tar", "00001.tar"]})
+    assert [p.name for p in list_shards(tmp_path)] == ["00000.tar", "00001.tar"]  # finished: its record

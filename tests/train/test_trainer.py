@@ -224,3 +224,21 @@ def test_long_caption_share_and_conventions_are_recorded(tmp_path, make_code_fol
     later = _sets(sets + [f"init_from={tmp_path / 'run'}", "convention=meissonic"])
     with pytest.raises(ConfigError, match="contradicts .* uses 'tessera'"):
         run(load_stage("debug", REPO_PIPELINES, later), "debug", tmp_path / "next")
+
+
+def test_trains_from_code_shards_on_s3(tmp_path, make_code_folder, s3):
+    """data.path on S3: the shards are staged to data.cache (checked against the manifest) and
+    memory-mapped from there; the cache folder is not part of the run's identity."""
+    from core import storage
+
+    data = make_code_folder(tmp_path / "codes", rows_per_shard=(8,))
+    for p in sorted(data.iterdir()):
+        storage.upload(p, storage.path(f"{s3}/codes") / p.name)
+    sets = FAST + [f"data.path={s3}/codes", f"data.cache={tmp_path / 'cache'}", "steps=2", "log_every=1", "ckpt_every=2"]
+    run(load_stage("debug", REPO_PIPELINES, _sets(sets)), "debug", tmp_path / "run")
+    assert len(read_records(tmp_path / "run")) == 2
+    assert sorted(p.name for p in next((tmp_path / "cache").iterdir()).iterdir()) == [
+        "00000.arrow", "_lock", "_staged.json", "manifest.json"]
+    moved = [s.replace(str(tmp_path / "cache"), str(tmp_path / "cache2")) for s in sets]
+    run(load_stage("debug", REPO_PIPELINES, _sets(moved)), "debug", tmp_path / "run")  # resumes: same identity
+    assert len(read_records(tmp_path / "run")) == 2

@@ -229,3 +229,26 @@ def test_cli_help_and_user_errors(tmp_path):
     assert missing.exit_code == 2 and "no input parquet files" in missing.output
     bad = runner.invoke(app, ["download", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "--resize-mode", "stretch"])
     assert bad.exit_code == 2 and "resize_mode must be one of" in bad.output
+
+
+def test_download_from_and_to_s3(server, s3, tmp_path, monkeypatch):
+    """Input and output on S3 (moto, found through AWS_ENDPOINT_URL): img2dataset writes to local
+    staging, each verified shard is uploaded, then its ledger, then its marker; readers find the
+    shards through the completion record, and nothing stays on the local disk."""
+    from core import atomic, rundir, storage
+
+    monkeypatch.chdir(tmp_path)  # a relative path anywhere would land here
+    names = ["good_jpeg", "not_found_404", "good_png"]
+    atomic.write_parquet(f"{s3}/in/a.parquet", pa.table({
+        "URL": [_url(server, n, FAST[n][0]) for n in names], "TEXT": names, "aesthetic": [5.5] * 3}))
+    stats = dl.run(dl.DownloadConfig(**CFG), f"{s3}/in", f"{s3}/out")
+    out = storage.path(f"{s3}/out")
+    assert (stats["kept"], stats["failed"], stats["parts"]) == (2, 1, ["00000.tar"])
+    assert json.loads((out / "_done" / "00000.json").read_text())["files"] == ["00000.tar", "00000.parquet", "00000_stats.json"]
+    assert imageshard.list_shards(out) == [out / "00000.tar"] and rundir.check_finished(out)["complete"]
+    samples = list(imageshard.iter_shard(out / "00000.tar"))  # streamed from S3
+    assert sorted(s.caption for s in samples) == ["good_jpeg", "good_png"] and all(s.image for s in samples)
+    assert sorted(p.suffix for p in (out / "_logs").iterdir()) == [".json", ".log"]
+    ledger = pq.read_table(pa.BufferReader((out / "_ledger" / "00000.parquet").read_bytes()))
+    assert ledger.column("state").to_pylist() == ["kept", "failed", "kept"]
+    assert list(tmp_path.iterdir()) == [] and not any(dl.staging_root(dl.DownloadConfig(), rundir.RunDir(out, "download", "")).iterdir())

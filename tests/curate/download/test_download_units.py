@@ -248,7 +248,7 @@ def test_a_rerun_adopts_verified_shards_a_killed_attempt_left_in_staging(tmp_pat
     _shard(old, "00000", 0, ["success", "success"])  # finished, never adopted
     _shard(old, "00001", 1, ["success", "success"])
     (old / "00001_stats.json").unlink()  # still being written when the run died
-    assert adopt.adopt_leftovers(rd, plan, caption=True) == 1
+    assert adopt.adopt_leftovers(rd, plan, caption=True, root=out / "_staging") == 1
     assert rd.is_done("00000") and not rd.is_done("00001") and not old.exists()
     assert [e.id for e in adopt.pending(rd, plan)] == [1, 2]
 
@@ -329,3 +329,52 @@ def test_a_slow_start_is_not_a_stall(tmp_path, monkeypatch):
     script = f"import time; time.sleep(3); open({str(staging / '00000.tar')!r}, 'w').write('x'); time.sleep(0.5)"
     monkeypatch.setattr(watchdog, "STARTUP_SECONDS", 6.0)
     assert supervise([sys.executable, "-c", script], {}, tmp_path / "log", staging, lambda: 0, 1, stall_seconds=2) == 0
+
+
+def test_retry_shards_are_joined_from_the_ledger_in_tasks_on_s3(s3):
+    """--retry-failed on an object store: each original shard's transient failures are looked up
+    by key in its shards' parquets (a unit per original shard), then cut into retry shards as a
+    stream; permanent failures and successes are not re-queued."""
+    from core import ledger, storage
+
+    rd = RunDir.open(f"{s3}/dl", "download", {"t": 3})
+    plan = ShardPlan(5, 1, [ShardEntry(0, "a.parquet", 0, 4, source="a.parquet"),
+                            ShardEntry(1, "a.parquet", 4, 7, source="a.parquet")])
+    outcomes = {0: ["success", "timed out", "HTTP Error 404: Not Found", "HTTP Error 503: Service Unavailable"],
+                1: ["Connection reset by peer", "success", "timed out"]}
+    for sid, outs in outcomes.items():
+        n = len(outs)
+        atomic.write_parquet(rd.path / f"0000{sid}.parquet", pa.table({
+            "url": [f"http://x/{sid}/{i}" for i in range(n)], "caption": [f"c{sid}{i}" for i in range(n)],
+            "hash": list(range(n)), "source_file": ["a.parquet"] * n,
+            "source_row": [plan.shards[sid].start + i for i in range(n)], "source_shard": [sid] * n,
+            "key": [f"{sid}{i}" for i in range(n)], "status": ["success" if o == "success" else "failed_to_download" for o in outs],
+            "error_message": [None if o == "success" else o for o in outs]}))
+        adopt.write_ledger_part(rd, plan, sid, [])  # read back from S3
+    columns = {"url": "URL", "caption": "TEXT", "extra": ["hash"]}
+    new = dl.plan_retries(rd, dl.DownloadConfig(samples_per_shard=3), columns, plan)
+    assert [(e.id, e.rows, e.retry_of) for e in new] == [(2, 3, (0, 1)), (3, 1, (1,))]
+    first = storage.read_parquet(rd.path / "_retry" / "00002.parquet")
+    assert first.column_names == ["URL", "TEXT", "hash", "source_file", "source_row", "source_shard"]
+    assert first["URL"].to_pylist() == ["http://x/0/1", "http://x/0/3", "http://x/1/0"]
+    assert storage.read_parquet(rd.path / "_retry" / "00003.parquet")["source_row"].to_pylist() == [6]
+    assert ShardPlan.load(rd.path / "_plan.json").shards[2:] == new
+    assert not list((rd.path / "_retry" / "_select").glob("*")) and rd.done_tasks() == []
+    assert ledger.counts(rd.path)["failed"] == 5
+
+
+def test_a_bucket_output_on_a_multi_node_ray_distributor_needs_a_shared_staging(monkeypatch, tmp_path):
+    import ray
+
+    from core import storage
+
+    rd = RunDir(storage.path("s3://bucket/out"), "download", "h")  # no I/O: only the check
+    monkeypatch.setattr(dl, "distributor_address", lambda d: "10.0.0.1:6379")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    with pytest.raises(ConfigError, match="pass --staging with a folder every node sees"):
+        dl.check_staging(dl.DownloadConfig(), rd)
+    dl.check_staging(dl.DownloadConfig(staging=str(tmp_path)), rd)  # a shared folder given: fine
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    dl.check_staging(dl.DownloadConfig(), rd)  # one live node: its local staging is the driver's
+    assert dl.staging_root(dl.DownloadConfig(), rd).parent.name == "tessera-download"
+    assert dl.staging_root(dl.DownloadConfig(), RunDir(tmp_path / "o", "download", "h")) == tmp_path / "o" / "_staging"
