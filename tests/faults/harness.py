@@ -9,7 +9,7 @@ A kill lands at a random moment between the command's first and last unit (the t
 random count of completion markers plus a random delay), and only the driver is killed, as an
 OOM kill or a preempted node would: everything it started must die with it (core.procs) and the
 rerun must finish the job with nothing lost and nothing doubled. Each record says whether the
-kill landed mid-run (some units done, the completion record absent, the process still running).
+kill landed mid-run (the process still running, its completion record absent, a unit more done).
 
 While a command runs, a `PartialReader` thread keeps opening every data file visible in its
 output folders (names not starting with `_` or `.`): parquet read whole, tars to the end, Arrow
@@ -59,7 +59,7 @@ class KillRecord:
     done: int  # units done when the kill landed
     total: int
     seconds: float  # since the command started
-    mid_run: bool  # some units done, not all, no completion record, the process was running
+    mid_run: bool  # the process was running, no completion record, a unit more done (or all were)
     survivors: list[str] = field(default_factory=list)  # processes of ours still writing after the kill
 
 
@@ -96,7 +96,9 @@ def kill_once(cmd: Command, rng: random.Random, log: Path, share: float = 1.0) -
             done, total = cmd.units()
             if total and target is None:
                 left = total - 1 - done0  # units that may finish before the kill
-                target = done0 + rng.randint(1, max(1, int(left * share)))  # kill once this many are done...
+                # kill once this many are done (all of them when earlier kills overshot: the
+                # command still has its closing work, e.g. near-dup's grouping, to be killed in)...
+                target = min(total, done0 + rng.randint(1, max(1, int(left * share))))
             if target is not None and done >= target:
                 time.sleep(rng.uniform(0.0, 0.05))  # ...plus a random moment into the next ones
                 break
@@ -112,7 +114,7 @@ def kill_once(cmd: Command, rng: random.Random, log: Path, share: float = 1.0) -
             pass
         proc.wait()
     survivors = _writers_left(family)
-    mid = running and done0 < done < total and not finished
+    mid = running and not finished and done >= min(done0 + 1, total)
     return KillRecord(cmd.name, done, total, round(time.monotonic() - t0, 2), mid, survivors)
 
 
