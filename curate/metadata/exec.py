@@ -189,7 +189,3 @@ def remove_unnamed(out: AnyPath, named: set[str]) -> int:
                 n += 1
     return n
 
-
-def public(stats: dict[str, Any]) -> dict[str, Any]:
-    """A step's stats without its file lists (for summaries)."""
-    return {k: v for k, v in stats.items() if k not in ("parts", "ledger")}
