@@ -266,20 +266,26 @@ class Scan:
 
     Call it for the SQL of the relation, once per statement: on the pyarrow path each call
     registers a fresh stream (a stream is read once). `columns` (stored names) limits what the
-    pyarrow path reads (duckdb's own reader pushes projections down itself). On a `safe` read,
-    every text value is checked: invalid UTF-8 in URL or TEXT makes the row `failed`; in any
-    other column the bad bytes are replaced (U+FFFD) and counted in `repaired`."""
+    pyarrow path reads (duckdb's own reader pushes projections down itself). The pyarrow path
+    (forced by `safe`) checks every text value (one vectorised pass per batch): invalid UTF-8 in
+    URL or TEXT makes the row `failed` (`_invalid`); in any other column the bad bytes are
+    replaced (U+FFFD) and counted in `repaired`."""
 
     def __init__(self, f: InputFile, con: duckdb.DuckDBPyConnection, columns: Sequence[str] | None = None,
                  with_hash: bool = False, safe: bool = False) -> None:
         self.f, self.con, self.safe = f, con, safe
         self.compute_hash = with_hash and f.column("hash") is None
         self.columns = list(dict.fromkeys(columns if columns is not None else f.columns))
-        self.repaired = 0
+        self._repaired: list[int] = []  # per stream: text values repaired (a file read twice counts once)
         rename = ""
         if f.aesthetic and f.aesthetic != "aesthetic" and f.column("aesthetic") is None and f.aesthetic in self.columns:
             rename = f" RENAME ({ident(f.aesthetic)} AS aesthetic)"
         self._select = f"SELECT *{rename} FROM "
+
+    @property
+    def repaired(self) -> int:
+        """Text values (not URL or TEXT) whose invalid UTF-8 was replaced, in one read of the file."""
+        return max(self._repaired, default=0)
 
     @property
     def fast(self) -> bool:
@@ -314,29 +320,29 @@ class Scan:
 
     def _batches(self, read: list[str], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         fs, key = storage.arrow_fs(storage.path(self.f.path))
-        offset = 0
+        offset, stream = 0, len(self._repaired)
+        self._repaired.append(0)
         try:
             with fs.open_input_file(key) as handle:
                 for batch in pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS, columns=read, use_threads=False):
-                    yield self._convert(batch, offset, schema)
+                    yield self._convert(batch, offset, schema, stream)
                     offset += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise MetadataError(f"{self.f.path}: unreadable parquet data near row {offset} ({exc})") from exc
 
-    def _convert(self, batch: pa.RecordBatch, offset: int, schema: pa.Schema) -> pa.RecordBatch:
+    def _convert(self, batch: pa.RecordBatch, offset: int, schema: pa.Schema, stream: int) -> pa.RecordBatch:
         cols = {name: _decoded(batch.column(name)) for name in batch.schema.names}
         invalid = pa.nulls(batch.num_rows, pa.string())
-        if self.safe:
-            for name in list(cols):
-                fixed, bad = repair_utf8(cols[name])
-                if bad is None:
-                    continue
-                cols[name] = fixed
-                if name in (self.f.column("URL"), self.f.column("TEXT")):
-                    reason = pa.array(np.where(bad, f"invalid UTF-8 in {name.upper()}", None), pa.string())
-                    invalid = pc.coalesce(invalid, reason)
-                else:
-                    self.repaired += int(bad.sum())
+        for name in list(cols):  # duckdb must never see invalid UTF-8 (seen: garbage rows from a stream)
+            fixed, bad = repair_utf8(cols[name])
+            if bad is None:
+                continue
+            cols[name] = fixed
+            if name in (self.f.column("URL"), self.f.column("TEXT")):
+                reason = pa.array(np.where(bad, f"invalid UTF-8 in {name.upper()}", None), pa.string())
+                invalid = pc.coalesce(invalid, reason)
+            else:
+                self._repaired[stream] += int(bad.sum())
         out = [cols[c] for c in self.columns]
         out += [pa.array(np.arange(offset, offset + batch.num_rows, dtype=np.int64)), invalid]
         if self.compute_hash:
@@ -435,10 +441,13 @@ def control_sql(expr: str) -> str:
             f"THEN regexp_matches({trim_sql(expr)}, {sql_str(CONTROL)}) ELSE false END)")
 
 
+NO_TEXT = "(NULL::VARCHAR)"  # a text column that is missing or of another type
+
+
 def text_sql(f: InputFile, name: str) -> str:
     """A text column of `f` as SQL, or a typed NULL when it is missing or not text (its rows
     are `failed` as `<name> is not text`, see invalid_reason_sql)."""
-    return ident(f.column(name)) if is_text_type(f.type_of(name)) else "NULL::VARCHAR"
+    return ident(f.column(name)) if is_text_type(f.type_of(name)) else NO_TEXT
 
 
 def number_sql(f: InputFile, name: str, double: bool = True) -> str:
@@ -492,7 +501,7 @@ def invalid_reason_sql(f: InputFile, numbers: Iterable[str] = ()) -> str:
     url, text = text_sql(f, "URL"), text_sql(f, "TEXT")
     whens = ["WHEN _invalid IS NOT NULL THEN _invalid"]
     for name, expr in (("URL", url), ("TEXT", text)):
-        if f.column(name) is not None and expr == "NULL::VARCHAR":
+        if f.column(name) is not None and expr == NO_TEXT:
             whens.append(f"WHEN true THEN {sql_str(f'{name} is not text')}")
     whens += [
         f"WHEN {url} IS NULL THEN 'null URL'",
