@@ -43,11 +43,12 @@ class Fusable:
     inside a previous step's task."""
 
     required: Callable[[Any], list[str]]  # cfg -> input columns the step needs
-    # write(con, cfg, f, src, columns, out, task, attempt) -> the task's marker info: decides
-    # every row of the duckdb relation `src()` (the rows of input part `f`, with
+    # write(con, cfg, f, src, columns, out, task, attempt, checked=True) -> the task's marker
+    # info: decides every row of the duckdb relation `src()` (the rows of input part `f`, with
     # `file_row_number` and `_invalid`) and writes OUT/<task>.parquet and
     # OUT/_ledger/<task>.parquet (names per core.storage.attempt_path) exactly as the step's own
-    # task would, listing them in the info's `files`.
+    # task would, listing them in the info's `files`. `checked`: the rows passed the previous
+    # step's URL/TEXT checks (curate.metadata.io.invalid_reason_sql), so they need not be redone.
     write: Callable[..., dict[str, Any]]
     task: Callable[[int], str]  # the step's task name for input file number i (sorted path order)
 

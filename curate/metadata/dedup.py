@@ -188,7 +188,7 @@ def _run_tail(con: Any, f: mio.InputFile, i: int, part: AnyPath, kept: str, tail
     task = tail.names[i]
     rows = int(con.execute(f"SELECT count(*) FROM {kept}").fetchone()[0])
     g = mio.InputFile(str(part), rows, 0, tail.schema)
-    info = tail.write(con, tail.cfg, g, lambda: kept, tail.columns, tail.staged, task, mx.attempt())
+    info = tail.write(con, tail.cfg, g, lambda: kept, tail.columns, tail.staged, task, mx.attempt(), checked=True)
     mx.stage_done(tail.staged, task, str(part), info)
 
 

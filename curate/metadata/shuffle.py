@@ -1,7 +1,7 @@
 """Hash partitioning through files: O(tasks) files, and counts checked at every hand-over.
 
 A map task (one input file) writes ONE bundle: its rows sorted by partition, each partition as
-a complete parquet blob, back to back (`write`). The task's marker records, for each blob, its
+a complete Arrow IPC stream (LZ4-compressed buffers), back to back (`write`). The task's marker records, for each blob, its
 partition, byte range and row count (`Index`). The driver turns the markers of all maps into,
 for each partition, the list of its blobs (`plan`); a reduce task (one partition) reads exactly
 those byte ranges, one ranged read each (`read`, `stream`), and checks each blob against the
@@ -11,13 +11,14 @@ a count that differs is an error, never an empty partition.
 Why blobs and not row groups of one parquet file: a reduce task would then parse every map's
 whole footer to find its row group; at LAION-2B's ~4,600 partitions a footer is ~2.3 MB and
 each reduce task would read 128 of them (measured: 85 ms to open one and read a row group).
-A blob's own footer is a few hundred bytes. Bundles live in the step's `_work/`, removed when
-the step finishes.
+A blob is self-contained. Why Arrow IPC and not parquet blobs: the rows come out of duckdb as
+Arrow and go back in as Arrow; IPC with LZ4 writes 1.25M narrow rows in ~0.07 CPU s over the
+export, parquet in ~0.3, for the same bytes (58 vs 55 MB). Bundles live in the step's `_work/`,
+intermediate only, removed when the step finishes.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -25,7 +26,6 @@ from typing import Any, Iterator, Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core import atomic, storage
 from core.storage import AnyPath
@@ -40,24 +40,7 @@ class ShuffleError(RuntimeError):
     """A reduce task's input is not what the map tasks recorded (lost, truncated or stale)."""
 
 
-class _Window(io.RawIOBase):
-    """A write-only view of an open file whose positions count from where the view starts, so
-    a parquet writer can write a complete blob in the middle of a bundle."""
-
-    def __init__(self, f: io.BufferedWriter) -> None:
-        self.f, self.start = f, f.tell()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes) -> int:
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.f.tell() - self.start
-
-    def close(self) -> None:  # the bundle stays open for the next blob
-        pass
+IPC = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
 def write(con: duckdb.DuckDBPyConnection, select: str, by: str, dest: AnyPath, order: str = "") -> dict[str, Any]:
@@ -70,7 +53,7 @@ def write(con: duckdb.DuckDBPyConnection, select: str, by: str, dest: AnyPath, o
     parts: list[int] = []
     bounds: list[int] = [0]
     rows: list[int] = []
-    with atomic.atomic_path(dest) as tmp, open(tmp, "wb", buffering=1 << 20) as raw:
+    with atomic.atomic_path(dest) as tmp, pa.OSFile(str(tmp), "wb") as raw:
         writer = None
         for batch in reader:
             if batch.column(by).null_count:
@@ -84,8 +67,7 @@ def write(con: duckdb.DuckDBPyConnection, select: str, by: str, dest: AnyPath, o
                     if writer is not None:
                         writer.close()
                         bounds.append(raw.tell())
-                    writer = pq.ParquetWriter(_Window(raw), data.schema.with_metadata({PART_KEY: str(k).encode()}),
-                                              compression="snappy", use_dictionary=False, write_statistics=False)
+                    writer = pa.ipc.new_stream(raw, data.schema.with_metadata({PART_KEY: str(k).encode()}), options=IPC)
                     parts.append(k)
                     rows.append(0)
                 writer.write_batch(data.slice(s, e - s))
@@ -147,7 +129,9 @@ def _fetch(pieces: Pieces, i: int, columns: Sequence[str] | None) -> pa.Table:
         raise ShuffleError(f"partition {pieces.part}: {path} is missing (its map task's marker names it; "
                            "was the step's _work folder removed mid-run?)") from None
     try:
-        table = pq.read_table(pa.BufferReader(buf), columns=list(columns) if columns else None)
+        table = pa.ipc.open_stream(buf).read_all()
+        if columns:
+            table = table.select(list(columns))
     except (pa.ArrowException, OSError) as exc:
         raise ShuffleError(f"partition {pieces.part}: unreadable blob in {path} at {offset} ({exc})") from exc
     got = (table.schema.metadata or {}).get(PART_KEY)
