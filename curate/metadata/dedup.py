@@ -148,7 +148,7 @@ def _dedup_bucket(pieces: shuffle.Pieces, cfg: DedupConfig, sources: list[str], 
         if table is None:  # an empty bucket still gets an (empty) ledger part: uniform layout
             empty = mx.ledger_select("dedup", "NULL", "0", "NULL", "NULL", key_type=hash_type, sources=sources,
                                      reasons=ledger_reasons(cfg))
-            mx.copy_to(con, f"SELECT {empty} LIMIT 0", led)
+            mx.write_ledger(con, f"SELECT {empty} LIMIT 0", led)
             return {"dropped": None, "files": [mx.rel(out, led)]}
         con.register("bucket", table)
         # Unusable rows get their own window partitions (a null-TEXT row must not win its URL).
@@ -166,7 +166,7 @@ def _dedup_bucket(pieces: shuffle.Pieces, cfg: DedupConfig, sources: list[str], 
         reason = f"coalesce(_bad, {dup(mio.sql_str(cfg.key))})"
         select = mx.ledger_select("dedup", source, "_row", "hash", state, reason, "NULL", dup("_ref"),
                                   key_type=hash_type, sources=sources, reasons=ledger_reasons(cfg))
-        mx.copy_to(con, f"SELECT {select} FROM r", led)
+        mx.write_ledger(con, f"SELECT {select} FROM r", led)
     return {"dropped": dropped, "files": [mx.rel(out, dest), mx.rel(out, led)]}
 
 

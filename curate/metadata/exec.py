@@ -127,6 +127,12 @@ def adopt_staged(rd: RunDir, sources: dict[str, str], staged: AnyPath | None) ->
 PARQUET = "FORMAT parquet, DICTIONARY_SIZE_LIMIT 1000"
 
 
+# Ledger parts: parquet v2 pages (delta-encoded row indexes): 0.17 -> 0.09 CPU s and 20 -> 15 MB
+# per 1.14M ledger rows; duckdb and pyarrow read them as any parquet (data parts stay v1, where
+# v2 gained nothing, for the widest choice of readers).
+LEDGER_PARQUET = PARQUET + ", PARQUET_VERSION V2"
+
+
 def copy_to(con: duckdb.DuckDBPyConnection, select: str, path: AnyPath, options: str = PARQUET) -> None:
     """`COPY (select) TO path` through a local temp name, then a rename or one upload."""
     with atomic.atomic_path(path) as tmp:
@@ -162,6 +168,11 @@ def ledger_select(step: str, source: str, row: str, key: str, state: str, reason
 def ledger_path(out: AnyPath, task: str, attempt_id: str) -> AnyPath:
     """Where an attempt of `task` writes its ledger part: OUT/_ledger/<task>.parquet."""
     return output(out, f"{ledger.LEDGER_DIR}/{task}.parquet", attempt_id)
+
+
+def write_ledger(con: duckdb.DuckDBPyConnection, select: str, path: AnyPath) -> None:
+    """A ledger part from a SELECT of LEDGER_COLUMNS (see ledger_select)."""
+    copy_to(con, select, path, LEDGER_PARQUET)
 
 
 def finish(out: AnyPath, step: str, files: list[InputFile], infos: Sequence[dict[str, Any]], **extra: Any) -> dict[str, Any]:

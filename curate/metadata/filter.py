@@ -174,7 +174,7 @@ def write_part(con: Any, cfg: FilterConfig, f: mio.InputFile, src: Callable[[], 
     select = mx.ledger_select("filter", mio.sql_str(f.path), "_row", "_key", state,
                               "coalesce(_bad, _reason)", "CASE WHEN _bad IS NULL THEN _value END",
                               key_type=key_type, sources=[f.path], reasons=ledger_reasons(cfg.active()))
-    mx.copy_to(con, f"SELECT {select} FROM decided", led)
+    mx.write_ledger(con, f"SELECT {select} FROM decided", led)
     con.execute("DROP TABLE decided")
     return {"rows": f.rows, "files": [mx.rel(out, part), mx.rel(out, led)]}
 

@@ -220,7 +220,7 @@ def _join(tpieces: shuffle.Pieces, mpieces: shuffle.Pieces, merge: Merge, source
         names = ", ".join(mio.ident(n) for n, _ in outputs)
         keep = "_jfail IS NULL" + (" AND _jmatched" if merge.missing == "drop" else "")
         mx.copy_to(con, f"SELECT {names} FROM {joined} WHERE {keep}", part)
-        mx.copy_to(con, f"SELECT {_ledger_select(merge, outputs, sources)} FROM {joined}", led)
+        mx.write_ledger(con, f"SELECT {_ledger_select(merge, outputs, sources)} FROM {joined}", led)
         matched, ambiguous, failed, keys, multi = con.execute(
             f"SELECT count(*) FILTER (WHERE _jmatched AND _jfail IS NULL), "
             f"count(*) FILTER (WHERE _jmatched AND _jn > 1 AND _jfail IS NULL), count(*) FILTER (WHERE _jfail IS NOT NULL), "
