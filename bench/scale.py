@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -42,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -144,14 +144,43 @@ def file_counts(out: Path) -> dict[str, int]:
             "tasks": len(markers)}
 
 
-def one_run(data: Path, millions: float, work: Path, env: dict[str, str]) -> dict[str, float]:
+def step_costs(out: Path, summary: dict) -> dict[str, dict]:
+    """Per step: rows in, task CPU and wall seconds (markers), tasks per phase, the largest
+    task's CPU seconds, and bytes written: data parts, ledger parts, intermediate bundles."""
+    steps = {}
+    for s in summary["steps"]:
+        folder = Path(s["output"])
+        markers = [json.loads(m.read_text()) | {"_name": m.stem} for m in (folder / "_done").glob("*.json")]
+        phases: dict[str, int] = {}
+        phase_cpu: dict[str, float] = {}
+        for m in markers:
+            phase = m["_name"].split("-")[0]
+            phases[phase] = phases.get(phase, 0) + 1
+            phase_cpu[phase] = round(phase_cpu.get(phase, 0) + m.get("task_cpu_seconds", 0), 2)
+        bundle = sum(m[k]["bounds"][-1] for m in markers for k in ("bundle", "dropped") if m.get(k))
+        steps[s["step"]] = {
+            "rows_in": s["rows_in"], "kept": s["kept"], "seconds": s.get("seconds"), "fused_into": s.get("fused_into"),
+            "task_cpu_s": round(sum(m.get("task_cpu_seconds", 0) for m in markers), 2),
+            "task_wall_s": round(sum(m.get("task_seconds", 0) for m in markers), 2),
+            "max_task_cpu_s": max((m.get("task_cpu_seconds", 0) for m in markers), default=0),
+            "tasks": phases, "phase_cpu_s": phase_cpu,
+            "part_bytes": sum(p.stat().st_size for p in folder.glob("*.parquet")),
+            "ledger_bytes": sum(p.stat().st_size for p in (folder / "_ledger").glob("*.parquet")),
+            "bundle_bytes": bundle,
+        }
+    return steps
+
+
+def one_run(data: Path, millions: float, work: Path, env: dict[str, str], settings: dict | None = None) -> dict[str, float]:
     files = max(1, round(millions * 1e6 / ROWS_PER_FILE))
     generate(data, files)
     run = work / f"run-{millions:g}M"
     shutil.rmtree(run, ignore_errors=True)
     paths = inputs(data, files, run)
     steps = [{"step": "join", "table": str(paths["aesthetic"]), "on": "hash", "columns": ["aesthetic"]},
-             "dedup", "filter", {"step": "captions", "captions": str(paths["captions"]), "min_words": 10}]
+             {"step": "dedup"}, {"step": "filter"}, {"step": "captions", "captions": str(paths["captions"]), "min_words": 10}]
+    for entry in steps:  # --settings: e.g. the laion pipeline's larger partitions
+        entry.update((settings or {}).get(entry["step"], {}))
     yaml_path = run / "pipelines.yaml"
     yaml_path.write_text(json.dumps({"pipelines": {"scale": {"input": str(paths["meta"]), "output": str(run / "out"),
                                                             "steps": steps}}}))
@@ -159,8 +188,7 @@ def one_run(data: Path, millions: float, work: Path, env: dict[str, str]) -> dic
     res = run_pipeline([CURATE, "run", "--config", str(yaml_path), "--pipeline", "scale"], env)
     rows = files * ROWS_PER_FILE
     res.update(file_counts(run / "out"), rows=rows, rows_per_s=rows / res["wall_s"], load=load)
-    summary = json.loads((run / "out" / "_summary.json").read_text())
-    res["steps"] = {s["step"]: {"rows_in": s["rows_in"], "kept": s["kept"], "seconds": s.get("seconds")} for s in summary["steps"]}
+    res["steps"] = step_costs(run / "out", json.loads((run / "out" / "_summary.json").read_text()))
     shutil.rmtree(run)
     return res
 
@@ -171,7 +199,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/tessera_bench_scale")
     ap.add_argument("--neardup", action="store_true", help="also run bench/scale_neardup.py (near-dup grouping of 20M hashes), if present")
+    ap.add_argument("--json", help="also write every measurement to this file (for --project)")
+    ap.add_argument("--settings", default="{}", help='step settings over the defaults, as JSON: {"dedup": {"rows_per_bucket": 4000000}}')
+    ap.add_argument("--project", help="print the laion2B-en projection (docs/scale.md) from a --json file, and exit")
     args = ap.parse_args()
+    if args.project:
+        project(json.loads(Path(args.project).read_text()))
+        return
     work = Path(args.workdir)
     data = work / "data"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -179,12 +213,15 @@ def main() -> None:
     results: dict[float, list[dict]] = {s: [] for s in sizes}
     for r in range(args.repeats):
         for s in sizes:
-            res = one_run(data, s, work, env)
+            res = one_run(data, s, work, env, json.loads(args.settings))
             results[s].append(res)
             print(f"repeat {r + 1}, {s:g}M rows (load {res['load']:.1f}): {res['wall_s']:.0f} s, {res['rows_per_s']:,.0f} rows/s, "
                   f"driver {res['peak_driver_gb']:.2f} GB, largest task {res['peak_task_gb']:.2f} GB, tree "
                   f"{res['peak_tree_gb']:.2f} GB, {res['files_created']} files for {res['tasks']} tasks", flush=True)
     report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{s:g}": rs for s, rs in results.items()}, default=str))
+        project(json.loads(Path(args.json).read_text()))
     if args.neardup:
         neardup_hook(work)
 
@@ -201,6 +238,49 @@ def report(results: dict[float, list[dict]]) -> None:
     print(f"driver RSS {hi:g}M / {lo:g}M: {med[hi]['peak_driver_gb'] / med[lo]['peak_driver_gb']:.2f}; "
           f"rows/s {hi:g}M / {lo:g}M: {med[hi]['rows_per_s'] / med[lo]['rows_per_s']:.2f}")
     print(json.dumps({f"{s:g}M": rs for s, rs in results.items()}, default=str))
+
+
+# laion2B-en as docs/scale.md describes it: 2.3B rows in 128 files, an aesthetic table of
+# 2.3B rows (one per hash) in 128 files, long captions for ~40% of the rows (as in the bench),
+# and the `laion` pipeline's settings in pipelines.yaml.
+LAION = {"rows": 2.3e9, "files": 128, "aesthetic_rows": 2.3e9, "aesthetic_files": 128, "caption_rows": 0.92e9,
+         "caption_files": 128, "rows_per_partition": 8e6, "rows_per_bucket": 4e6}
+
+
+def project(results: dict[str, list[dict]]) -> None:
+    """Task CPU per row of each phase at the largest size measured, times laion2B-en's rows,
+    run in waves of one task per core on 16 and 64 nodes of 32 cores; bytes per row likewise.
+    A phase's tasks are taken as equal (the per-file phases' are: files of ~18M rows)."""
+    size = max(results, key=float)
+    runs = results[size]
+    rows = runs[0]["rows"]
+    med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+    L = LAION
+    kept = {s: med(lambda r: r["steps"][s]["kept"]) / rows for s in runs[0]["steps"]}
+    join_parts = math.ceil((L["rows"] + L["aesthetic_rows"]) / L["rows_per_partition"])
+    buckets = math.ceil(L["rows"] / L["rows_per_bucket"])
+    caption_parts = math.ceil((L["rows"] * kept["filter"] + L["caption_rows"]) / L["rows_per_partition"])
+    tasks = {("join", "t"): L["aesthetic_files"], ("join", "m"): L["files"], ("join", "part"): join_parts,
+             ("dedup", "p1"): join_parts, ("dedup", "p2"): buckets, ("dedup", "p3"): join_parts,
+             ("captions", "t"): L["caption_files"], ("captions", "m"): join_parts, ("captions", "part"): caption_parts}
+    print(f"\nlaion2B-en projection from the {size}M-row runs (medians of {len(runs)}; task CPU of this machine's cores): "
+          f"{L['rows'] / 1e9:.1f}B rows in {L['files']} files; join: {join_parts} partitions, dedup: {buckets} buckets, "
+          f"captions: {caption_parts} partitions")
+    print(f"{'step':9s} {'phase':6s} {'tasks':>6s} {'CPU us/row':>10s} {'CPU h':>7s} {'min @16x32':>10s} {'min @64x32':>10s}")
+    hours = {16: 0.0, 64: 0.0}
+    for (step, phase), n in tasks.items():
+        cpu_h = med(lambda r: r["steps"][step]["phase_cpu_s"].get(phase, 0)) / rows * L["rows"] / 3600
+        line = f"{step:9s} {phase:6s} {n:6d} {cpu_h * 3600 / L['rows'] * 1e6:10.3f} {cpu_h:7.1f}"
+        for nodes in hours:
+            wall = math.ceil(n / (nodes * 32)) * cpu_h / n  # waves of one task per core
+            hours[nodes] += wall
+            line += f" {wall * 60:10.2f}"
+        print(line)
+    print(f"{'total':9s} {'':6s} {sum(tasks.values()):6d} {'':10s} {'':7s} {hours[16] * 60:10.2f} {hours[64] * 60:10.2f}")
+    print(f"{'step':9s} {'TB parts':>9s} {'TB ledger':>10s} {'TB shuffle':>11s}  (bytes per input row of the pipeline x {L['rows'] / 1e9:.1f}B)")
+    for step in runs[0]["steps"]:
+        b = [med(lambda r: r["steps"][step][k]) / rows * L["rows"] / 1e12 for k in ("part_bytes", "ledger_bytes", "bundle_bytes")]
+        print(f"{step:9s} {b[0]:9.2f} {b[1]:10.2f} {b[2]:11.2f}")
 
 
 def neardup_hook(work: Path) -> None:

@@ -93,7 +93,8 @@ def table_rows(cfg: CaptionsConfig, con: Any, f: mio.InputFile, j: int, safe: bo
     key, text = caption_columns(cfg, f)
     scan = mio.Scan(f, con, columns=[key, text], safe=True)  # every caption checked for UTF-8
     counts = {"too_short": 0}
-    schema = pa.schema([("_key", _plain_type(f, key)), ("long_caption", pa.string()), ("_trow", pa.int64())])
+    schema = pa.schema([("_key", mio.plain_type(f.schema.field(key).type)), ("long_caption", pa.string()),
+                        ("_trow", pa.int64())])
 
     def rows() -> Iterator[pa.RecordBatch]:
         for batch in scan.batches():
@@ -110,10 +111,6 @@ def table_rows(cfg: CaptionsConfig, con: Any, f: mio.InputFile, j: int, safe: bo
     norm = JOINS[cfg.join_on][1].format("_key")
     sql = f"SELECT {norm} AS _jk, long_caption, {j}::INTEGER AS _tsrc, _trow FROM {name}"
     return partjoin.TableRows(sql, lambda: dict(counts))
-
-
-def _plain_type(f: mio.InputFile, name: str) -> pa.DataType:
-    return f.schema.field(name).type
 
 
 def run(cfg: CaptionsConfig, inp: str, out: str) -> dict[str, Any]:

@@ -294,7 +294,7 @@ def _tail(con: Any, rd: Any, columns: list[tuple[str, str]], files: list[mio.Inp
     import pyarrow as pa
 
     empty = con.sql(f"SELECT {mio.project_sql(set(), columns)} LIMIT 0").to_arrow_table()
-    probe = mio.InputFile("parts", 0, 0, pa.schema([f.with_type(mio._plain(f.type)) for f in empty.schema]))
+    probe = mio.InputFile("parts", 0, 0, pa.schema([f.with_type(mio.plain_type(f.type)) for f in empty.schema]))
     try:
         mio.require(probe, nxt.fusable.required(nxt_cfg))
     except mio.MetadataError:

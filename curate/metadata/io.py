@@ -118,7 +118,8 @@ def _marker_infos(folder: AnyPath) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((folder / rundir.DONE).glob("*.json"), key=str)]
 
 
-def _plain(t: pa.DataType) -> pa.DataType:
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """A dictionary type as its values' type (what a reader gives back decoded); others as they are."""
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
@@ -143,7 +144,7 @@ def inspect(path: AnyPath) -> InputFile:
             raise MetadataError(f"{path}: two columns named {seen[name.lower()]!r} and {name!r} (names match "
                                 "case-insensitively); rename one and rewrite the file")
         seen[name.lower()] = name
-    schema = pa.schema([f.with_type(_plain(f.type)) for f in schema])
+    schema = pa.schema([f.with_type(plain_type(f.type)) for f in schema])
     return InputFile(str(path), meta.num_rows, size, schema, footer_ranges(meta, schema))
 
 
@@ -305,7 +306,7 @@ class Scan:
     @property
     def schema(self) -> pa.Schema:
         """The schema of `batches()`: the columns, file_row_number, _invalid (and a computed hash)."""
-        fields = [pa.field(c, _plain(self.f.schema.field(c).type)) for c in self.columns]
+        fields = [pa.field(c, plain_type(self.f.schema.field(c).type)) for c in self.columns]
         extra = [pa.field("file_row_number", pa.int64()), pa.field("_invalid", pa.string())]
         return pa.schema(fields + extra + ([pa.field("hash", pa.int64())] if self.compute_hash else []))
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from core import atomic, storage
 from core.storage import AnyPath
-from curate.metadata.io import MetadataError, ident
+from curate.metadata.io import ident
 
 BATCH_ROWS = 65_536  # rows fetched from duckdb per batch: a map task holds one batch
 READ_AHEAD = 4  # blobs a reduce task fetches ahead of the one it consumes
@@ -178,8 +178,3 @@ def stream(pieces: Pieces, columns: Sequence[str] | None = None, source: str | N
 
     return pa.RecordBatchReader.from_batches(first.schema, gen())
 
-
-def unwrap_error(exc: BaseException) -> BaseException:
-    """The ShuffleError inside a duckdb error raised while it read a stream (else `exc`)."""
-    cause = exc.__cause__ or exc.__context__
-    return cause if isinstance(cause, (ShuffleError, MetadataError)) else exc
