@@ -175,11 +175,29 @@ def pipelines_path(path: str | os.PathLike | None = None) -> Path:
     return local if local.is_file() else REPO_PIPELINES
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's booleans: only true/false. In YAML 1.1 (PyYAML's default) `on`, `off`,
+    `yes`, `no` are booleans, so `on: hash` (curate join's key) would be read as `True: hash`."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text as this project reads every config (1.2 booleans, no Python tags)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read a pipelines.yaml (see `pipelines_path`); a parse error names the file."""
     p = pipelines_path(path)
     try:
-        doc = yaml.safe_load(p.read_text()) or {}
+        doc = parse_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
@@ -208,7 +226,7 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
         if isinstance(value, str) and _FLOAT_RE.match(value):
             value = float(value)  # `lr=3e-4`: YAML 1.1 has no float without a dot
         node = out

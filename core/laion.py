@@ -142,14 +142,24 @@ def murmur3_x64_64(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return h1.view(np.int64)
 
 
+def _large_binary(a: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Text or binary as large_binary, bytes as stored (text is not re-checked for UTF-8)."""
+    if pa.types.is_string(a.type) or pa.types.is_large_string(a.type):
+        a = a.cast(pa.large_string())
+        return a.view(pa.large_binary()) if isinstance(a, pa.Array) else pa.chunked_array(
+            [c.view(pa.large_binary()) for c in a.chunks], pa.large_binary())
+    return a.cast(pa.large_binary())
+
+
 def hash64(urls: pa.Array | pa.ChunkedArray, texts: pa.Array | pa.ChunkedArray,
            batch_rows: int = BATCH_ROWS) -> pa.Array:
     """LAION's `hash` of each (URL, TEXT) row (null parts count as ""), as an int64 array;
-    computed `batch_rows` rows at a time, so memory stays bounded for any file."""
-    urls, texts = (a.cast(pa.large_string()) for a in (urls, texts))  # null-typed or >2 GB columns too
-    joined = pc.binary_join_element_wise(pc.fill_null(urls, ""), pc.fill_null(texts, ""), pa.scalar("", pa.large_string()))
+    computed `batch_rows` rows at a time, so memory stays bounded for any file. Text or binary
+    columns: the bytes as stored are hashed."""
+    urls, texts = (_large_binary(a) for a in (urls, texts))  # null-typed or >2 GB columns too
+    empty = pa.scalar(b"", pa.large_binary())
+    joined = pc.binary_join_element_wise(pc.fill_null(urls, empty), pc.fill_null(texts, empty), empty)
     joined = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
-    joined = joined.cast(pa.large_binary())
     out = np.empty(len(joined), dtype=np.int64)
     for start in range(0, len(joined), batch_rows):
         part = joined.slice(start, batch_rows)

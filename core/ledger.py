@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -92,28 +92,33 @@ def parts(out: str | os.PathLike) -> list[AnyPath]:
                   key=str)
 
 
-def counts(out: str | os.PathLike) -> dict[str, int]:
-    """State counts over every ledger part of a step's output folder."""
+def counts(out: str | os.PathLike, files: Sequence[AnyPath] | None = None) -> dict[str, int]:
+    """State counts over the ledger parts `files` (default: every part in OUT/_ledger)."""
     result = {s: 0 for s in STATES}
-    files = parts(out)
-    if not files:
-        return result
-    if storage.is_remote(files[0]):
-        import pyarrow.dataset as ds
+    result.update(grouped(parts(out) if files is None else files, "state"))
+    return result
 
-        fs, _ = storage.arrow_fs(files[0])
-        states = ds.dataset([f.key for f in files], filesystem=fs, format="parquet").to_table(columns=["state"])
-        for row in states.column("state").value_counts().to_pylist():
-            result[row["values"]] = int(row["counts"])
-        return result
+
+def grouped(files: Sequence[AnyPath], by: str, where: str = "") -> dict[str, int]:
+    """Row counts of ledger parts `files` per value of column `by` (SQL `where`, optional):
+    duckdb over local files, a pyarrow dataset registered on duckdb for object-store ones."""
+    if not files:
+        return {}
     con = duckdb.connect()
     try:
-        listed = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
-        for state, n in con.execute(f"SELECT state, count(*) FROM read_parquet({listed}) GROUP BY state").fetchall():
-            result[state] = int(n)
+        if storage.is_remote(files[0]):
+            import pyarrow.dataset as ds
+
+            fs, _ = storage.arrow_fs(files[0])
+            con.register("ledger_parts", ds.dataset([storage.path(f).key for f in files], filesystem=fs, format="parquet"))
+            relation = "ledger_parts"
+        else:
+            relation = "read_parquet([" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "])"
+        rows = con.execute(f"SELECT {by}, count(*) FROM {relation} {('WHERE ' + where) if where else ''} "
+                           f"GROUP BY 1 ORDER BY 1").fetchall()
     finally:
         con.close()
-    return result
+    return {k: int(n) for k, n in rows}
 
 
 def reconcile(n_in: int, state_counts: Mapping[str, int], step: str = "") -> None:

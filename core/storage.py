@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Union
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 SCHEMES = ("s3", "gs", "gcs")
@@ -307,3 +308,114 @@ def local_copy(p: AnyPath) -> Iterator[Path]:
         target = Path(tmp) / p.name
         pafs.copy_files(p.key, str(target), source_filesystem=p.fs, destination_filesystem=pafs.LocalFileSystem())
         yield target
+
+
+# ---------------------------------------------------------------- finding, moving, reading ranges
+
+_WILDCARDS = "*?["
+
+
+def expand(spec: "str | os.PathLike | RemotePath", suffix: str = "") -> list[AnyPath]:
+    """The files of `spec` whose names end in `suffix`, sorted by path: a file, a folder
+    (searched recursively) or a glob (`*`, `?`, `[...]`; `**/` for any depth), local or on an
+    object store. Names starting with `_` or `.` (bookkeeping, temp and hidden files, as in
+    Spark and Hive) are skipped below a folder, and as file names of a glob. Raises
+    FileNotFoundError when `spec` names nothing that exists."""
+    text = str(spec) if isinstance(spec, RemotePath) else os.fspath(spec)
+    if any(ch in text for ch in _WILDCARDS):
+        files = [p for p in _glob(text) if is_data_name(p.name) and p.name.endswith(suffix)]
+    else:
+        p = path(text)
+        if p.is_file():
+            return [p]
+        if not p.is_dir():
+            raise FileNotFoundError(text)
+        files = [f for f in _walk(p) if f.name.endswith(suffix)]
+    return sorted(files, key=str)
+
+
+def is_data_name(name: str) -> bool:
+    """Data, not bookkeeping (`_stats.json`, `_tmp.*`, `_ledger/`) or hidden (`.x`)."""
+    return not name.startswith(("_", "."))
+
+
+def _walk(folder: AnyPath) -> Iterator[AnyPath]:
+    if isinstance(folder, RemotePath):  # one recursive listing; skip names below `_`/`.` folders
+        selector = pafs.FileSelector(folder.key, allow_not_found=True, recursive=True)
+        for info in folder.fs.get_file_info(selector):
+            rel = info.path.strip("/")[len(folder.key) + 1:]
+            if info.type == pafs.FileType.File and all(is_data_name(part) for part in rel.split("/")):
+                yield RemotePath(folder.scheme, info.path.strip("/"))
+        return
+    for entry in sorted(folder.iterdir()):
+        if not is_data_name(entry.name):
+            continue
+        if entry.is_dir():
+            yield from _walk(entry)
+        elif entry.is_file():
+            yield entry
+
+
+def _glob(pattern: str) -> list[AnyPath]:
+    if not is_remote(pattern):
+        import glob as globlib
+
+        local = pattern[len("file://"):] if pattern.startswith("file://") else pattern
+        return [Path(p).absolute() for p in globlib.glob(local, recursive=True) if Path(p).is_file()]
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.strip("/").split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in _WILDCARDS))
+    base = RemotePath("gs" if scheme == "gcs" else scheme, "/".join(parts[:fixed]))
+    regex = glob_regex("/".join(parts[fixed:]))
+    selector = pafs.FileSelector(base.key, allow_not_found=True, recursive=True)
+    return [RemotePath(base.scheme, info.path.strip("/")) for info in base.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and regex.match(info.path.strip("/")[len(base.key) + 1:])]
+
+
+def glob_regex(pattern: str) -> "re.Pattern[str]":
+    """A compiled regex of a path glob as the shell reads it: `*` and `?` stay within one
+    folder, `**/` matches any number of folders, `[...]` (`[!...]`) a set of characters."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1:j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def move(src: AnyPath, dest: AnyPath) -> None:
+    """Move a file within one store: a rename on a local disk; on an object store a server-side
+    copy then a delete (`dest` appears whole; commit it with a record that names it)."""
+    if isinstance(src, RemotePath) != isinstance(dest, RemotePath):
+        raise ValueError(f"cannot move between stores: {src} -> {dest}")
+    if isinstance(src, RemotePath):
+        src.fs.move(src.key, dest.key)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+
+
+def read_range(p: AnyPath, offset: int, length: int) -> "pa.Buffer":
+    """`length` bytes of a file from byte `offset` (one ranged GET on an object store)."""
+    fs, key = arrow_fs(p)
+    with fs.open_input_file(key) as f:
+        data = f.read_at(length, offset)
+    if len(data) != length:
+        raise OSError(f"{p}: expected {length} bytes at offset {offset}, read {len(data)} (file truncated?)")
+    return data

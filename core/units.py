@@ -13,7 +13,9 @@ upstream shard is redone here too). It runs
     `fn(state, *args)`; each actor takes the next unit as soon as it is free;
   * or in this process (`executor="local"`) for tests and small inputs.
 The unit's function writes its outputs (temp name, rename); the runner then writes the unit's
-marker, in the worker: what `fn` returned, its wall and CPU seconds and its input.
+marker, in the worker: what `fn` returned, its wall and CPU seconds, its input and the Ray
+node it ran on. Markers are found with one listing of `_done/` and read in parallel (an
+object store answers each read in tens of milliseconds; a step may have thousands of units).
 
 Failure policy, the same for every step: a unit that raises (or whose worker dies) is recorded
 in OUT/_failed/<unit>.json with its error and the other units go on; at the end the step
@@ -25,6 +27,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -58,6 +61,27 @@ def is_done(rd: RunDir, unit: Unit) -> bool:
     return unit.input is None or rd.done_info(unit.name).get("input") == unit.input
 
 
+READ_THREADS = 16  # markers read at once
+
+
+def done_infos(rd: RunDir, names: Sequence[str]) -> dict[str, dict]:
+    """The marker info of each of `names` that has a marker: one listing, parallel reads."""
+    present = set(rd.done_tasks())
+    wanted = [n for n in names if n in present]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return dict(zip(wanted, pool.map(rd.done_info, wanted)))
+
+
+def _node() -> str | None:
+    """The Ray node this process runs on (None outside Ray): markers say where each unit ran."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def execute(rd: RunDir, unit: Unit, fn: Callable[..., dict], state: Any = None, worker: bool = False) -> dict:
     """Run one unit here (in a Ray worker or the driver) and write its marker; returns the marker info.
     In a worker, the worker first ties its life to its raylet's (core.procs): a worker whose
@@ -70,6 +94,9 @@ def execute(rd: RunDir, unit: Unit, fn: Callable[..., dict], state: Any = None, 
             "task_cpu_seconds": round(time.process_time() - cpu, 3)}
     if unit.input is not None:
         info["input"] = unit.input
+    node = _node()
+    if node is not None:
+        info["node"] = node
     rd.mark_done(unit.name, info)  # last: the unit's outputs are in place
     rd.failed_path(unit.name).unlink(missing_ok=True)
     return info
@@ -93,21 +120,23 @@ def run_units(rd: RunDir, units: Sequence[Unit], fn: Callable[..., dict], descri
     Raises StepIncomplete after all units ran if any failed."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    todo = [u for u in units if not is_done(rd, u)]
+    infos = done_infos(rd, [u.name for u in units])
+    todo = [u for u in units if u.name not in infos or (u.input is not None and infos[u.name].get("input") != u.input)]
     skipped = len(units) - len(todo)
     label = description + (f" ({skipped} done before)" if skipped else "")
     if todo:
         rd.unfinish()  # readers see the folder as unfinished until the step completes it again
         if executor == "local":
-            failures = _run_local(rd, todo, fn, label, setup, setup_args)
+            ran, failures = _run_local(rd, todo, fn, label, setup, setup_args)
         elif setup is not None:
-            failures = _run_actors(rd, todo, fn, label, resources, setup, setup_args, actors)
+            ran, failures = _run_actors(rd, todo, fn, label, resources, setup, setup_args, actors)
         else:
-            failures = _run_tasks(rd, todo, fn, label, resources)
+            ran, failures = _run_tasks(rd, todo, fn, label, resources)
         if failures:
             _record(rd, failures)
             raise StepIncomplete(incomplete_message(rd, failures, len(units)))
-    return [rd.done_info(u.name) for u in units]
+        infos.update(ran)
+    return [infos[u.name] for u in units]
 
 
 def incomplete_message(rd: RunDir, failures: dict[str, str], total: int) -> str:
@@ -141,25 +170,28 @@ def _record(rd: RunDir, failures: dict[str, str]) -> None:
                                                  "detail": getattr(error, "detail", "")})
 
 
+Outcome = tuple[dict[str, dict], dict[str, str]]  # (marker info of each unit that ran, error of each that failed)
+
+
 def _run_local(rd: RunDir, todo: list[Unit], fn: Callable, label: str, setup: Callable | None,
-               setup_args: tuple) -> dict[str, str]:
+               setup_args: tuple) -> Outcome:
     state = setup(*setup_args) if setup is not None else None
-    failures: dict[str, str] = {}
+    infos, failures = {}, {}
     with make_progress() as progress:
         bar = progress.add_task(label, total=len(todo))
         for unit in todo:
             try:
-                execute(rd, unit, fn, state)
+                infos[unit.name] = execute(rd, unit, fn, state)
             except Exception as exc:  # noqa: BLE001 - the failure policy records every error
                 failures[unit.name] = _failure(exc)
             progress.advance(bar)
-    return failures
+    return infos, failures
 
 
 _REMOTE: Any = None
 
 
-def _run_tasks(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources: Resources) -> dict[str, str]:
+def _run_tasks(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources: Resources) -> Outcome:
     global _REMOTE
     import ray
 
@@ -171,22 +203,22 @@ def _run_tasks(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources
     # raised is not retried: it is recorded.
     remote = _REMOTE.options(num_cpus=resources.cpus, num_gpus=resources.gpus)
     refs = {remote.remote(rd, u, fn, None, True): u for u in todo}
-    failures: dict[str, str] = {}
+    infos, failures = {}, {}
     pending = list(refs)
     with make_progress() as progress:
         bar = progress.add_task(label, total=len(refs))
         while pending:
             (ref,), pending = ray.wait(pending, num_returns=1)
             try:
-                ray.get(ref)
+                infos[refs[ref].name] = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - a task error or a dead worker, recorded
                 failures[refs[ref].name] = _failure(exc)
             progress.advance(bar)
-    return failures
+    return infos, failures
 
 
 def _run_actors(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resources: Resources,
-                setup: Callable, setup_args: tuple, actors: int | None) -> dict[str, str]:
+                setup: Callable, setup_args: tuple, actors: int | None) -> Outcome:
     """Keep every actor busy with one unit at a time; a dead actor is dropped (its unit recorded
     as failed), an actor whose unit raised takes the next one."""
     import ray
@@ -197,7 +229,7 @@ def _run_actors(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resource
     init_ray()
     cls = ray.remote(_UnitActor).options(num_cpus=resources.cpus, num_gpus=resources.gpus)
     pool = [cls.remote(setup, setup_args) for _ in range(max(1, min(actors or 1, len(todo))))]
-    free, queue, inflight, failures = list(pool), deque(todo), {}, {}
+    free, queue, inflight, infos, failures = list(pool), deque(todo), {}, {}, {}
     try:
         with make_progress() as progress:
             bar = progress.add_task(label, total=len(todo))
@@ -211,7 +243,7 @@ def _run_actors(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resource
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
                 actor, unit = inflight.pop(ref)
                 try:
-                    ray.get(ref)
+                    infos[unit.name] = ray.get(ref)
                     free.append(actor)
                 except RayActorError as exc:
                     failures[unit.name] = _failure(exc)
@@ -222,4 +254,4 @@ def _run_actors(rd: RunDir, todo: list[Unit], fn: Callable, label: str, resource
     finally:
         for actor in pool:
             ray.kill(actor)
-    return failures
+    return infos, failures

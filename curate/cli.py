@@ -25,8 +25,11 @@ app = typer.Typer(
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="pipelines.yaml to read (default: ./pipelines.yaml, else the repository's)")
 RayOpt = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP)
-InputOpt = typer.Option(..., "--input", "-i", help="input parquet: a file, a folder (files starting with _ or . skipped) or a glob")
-OutputOpt = typer.Option(..., "--output", "-o", help="output folder: kept rows as part-*.parquet, bookkeeping under _*")
+InputOpt = typer.Option(..., "--input", "-i", help="input parquet: a file, a folder (files starting with _ or . skipped), a glob, or the same on s3:// / gs://")
+OutputOpt = typer.Option(..., "--output", "-o", help="output folder (local, s3:// or gs://): kept rows as part-*.parquet, bookkeeping under _*")
+IncompleteOpt = typer.Option(None, "--allow-incomplete", help="read an unfinished step's output folder as it is (the parts its finished tasks name)")
+PartitionsOpt = typer.Option(None, "--partitions", help="hash partitions; 0 = (rows of both sides) / rows-per-partition [default: 0]")
+RowsPerPartitionOpt = typer.Option(None, "--rows-per-partition", help="rows per partition when --partitions is 0 [default: 2000000]")
 ThreadsOpt = typer.Option(None, "--threads", help="duckdb threads (and Ray CPUs) per task [default: 1]")
 MemoryOpt = typer.Option(None, "--memory", help="duckdb memory limit per task, e.g. 2GB [default: 1GB]")
 ShardsOpt = typer.Option(..., "--input", "-i", help="folder of webdataset image shards (NNNNN.tar + NNNNN.parquet, as `curate download` / img2dataset write them)")
@@ -87,12 +90,14 @@ def dedup(
     rows_per_bucket: Optional[int] = typer.Option(None, "--rows-per-bucket", help="rows per partition when --buckets is 0 [default: 500000]"),
     threads: Optional[int] = ThreadsOpt,
     memory: Optional[str] = MemoryOpt,
+    allow_incomplete: Optional[bool] = IncompleteOpt,
     config_path: Optional[Path] = ConfigOpt,
     address: Optional[str] = RayOpt,
 ) -> None:
     """Exact dedup across all input files: keeps the row with the highest aesthetic, then
     highest similarity, then smallest hash; every dropped row is a `duplicate` in the ledger."""
-    flags = dict(key=key, buckets=buckets, rows_per_bucket=rows_per_bucket, threads=threads, memory=memory)
+    flags = dict(key=key, buckets=buckets, rows_per_bucket=rows_per_bucket, threads=threads, memory=memory,
+                 allow_incomplete=allow_incomplete)
     with user_errors():
         run_step("dedup", flags, input, output, config_path, address)
 
@@ -107,17 +112,19 @@ def filter_(
     min_side: Optional[int] = typer.Option(None, "--min-side", help="keep min(WIDTH, HEIGHT) >= N [default: off]"),
     max_aspect: Optional[float] = typer.Option(None, "--max-aspect", help="keep max(W,H)/min(W,H) <= R [default: off]"),
     similarity: Optional[float] = typer.Option(None, "--similarity", help="keep similarity >= S [default: off]"),
-    min_words: Optional[int] = typer.Option(None, "--min-words", help="keep TEXT with >= N words [default: off]"),
+    min_words: Optional[int] = typer.Option(None, "--min-words", help="keep TEXT with >= N whitespace-separated words [default: off]"),
     threads: Optional[int] = ThreadsOpt,
     memory: Optional[str] = MemoryOpt,
+    allow_incomplete: Optional[bool] = IncompleteOpt,
     config_path: Optional[Path] = ConfigOpt,
     address: Optional[str] = RayOpt,
 ) -> None:
-    """Keep rows passing every threshold; a missing/NaN score drops the row as missing:<column>.
-    Rules apply in the order aesthetic, watermark, punsafe, min_side, max_aspect, similarity,
-    min_words; the ledger records the first failing one and its value."""
+    """Keep rows passing every threshold; a missing, NaN or infinite score drops the row as
+    missing:<column>. Rules apply in the order aesthetic, watermark, punsafe, min_side,
+    max_aspect, similarity, min_words; the ledger records the first failing one and its value."""
     flags = dict(aesthetic=aesthetic, watermark=watermark, punsafe=punsafe, min_side=min_side,
-                 max_aspect=max_aspect, similarity=similarity, min_words=min_words, threads=threads, memory=memory)
+                 max_aspect=max_aspect, similarity=similarity, min_words=min_words, threads=threads, memory=memory,
+                 allow_incomplete=allow_incomplete)
     with user_errors():
         run_step("filter", flags, input, output, config_path, address)
 
@@ -131,17 +138,52 @@ def captions(
     captions_key: Optional[str] = typer.Option(None, "--captions-key", help="key column of the caption table [default: same as --join-on]"),
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help="text column of the caption table [default: first of long_caption, caption, re_caption, vlm_caption, text]"),
     min_words: Optional[int] = typer.Option(None, "--min-words", help="ignore captions with fewer words [default: 50]"),
+    partitions: Optional[int] = PartitionsOpt,
+    rows_per_partition: Optional[int] = RowsPerPartitionOpt,
     threads: Optional[int] = ThreadsOpt,
     memory: Optional[str] = MemoryOpt,
+    allow_incomplete: Optional[bool] = IncompleteOpt,
     config_path: Optional[Path] = ConfigOpt,
     address: Optional[str] = RayOpt,
 ) -> None:
-    """Left-join long captions (normalised: NFC, whitespace) as `long_caption`; several captions
-    for one key: the longest wins, then the lexicographically first. Prints the match rate."""
+    """Left-join long captions (normalised: NFC, whitespace) as `long_caption` by a
+    partitioned join (bounded memory for any table size); several captions for one key: the
+    longest wins, then the lexicographically first. Prints the match rate."""
     flags = dict(captions=captions_path, join_on=join_on, captions_key=captions_key, caption_column=caption_column,
-                 min_words=min_words, threads=threads, memory=memory)
+                 min_words=min_words, partitions=partitions, rows_per_partition=rows_per_partition, threads=threads,
+                 memory=memory, allow_incomplete=allow_incomplete)
     with user_errors():
         run_step("captions", flags, input, output, config_path, address)
+
+
+@app.command("join")
+def join(
+    input: str = InputOpt,
+    output: str = OutputOpt,
+    table: Optional[str] = typer.Option(None, "--table", help="the per-row table to merge in: parquet file, folder, glob or URI (e.g. laion2B-en-aesthetic-tags)"),
+    on: Optional[str] = typer.Option(None, "--on", help="the metadata's key column; hash is LAION's, computed where missing [default: hash]"),
+    table_key: Optional[str] = typer.Option(None, "--table-key", help="the table's key column [default: same as --on]"),
+    columns: Optional[list[str]] = typer.Option(None, "--column", help="a table column to merge in (repeatable) [default: all but the key]"),
+    duplicates: Optional[str] = typer.Option(None, "--duplicates", help="a key on several table rows: first (first by table file, row) | error [default: first]"),
+    missing: Optional[str] = typer.Option(None, "--missing", help="a row whose key is in no table row: keep (merged columns null) | drop [default: keep]"),
+    on_clash: Optional[str] = typer.Option(None, "--on-clash", help="a merged column the metadata has too: error | replace | keep [default: error]"),
+    partitions: Optional[int] = PartitionsOpt,
+    rows_per_partition: Optional[int] = RowsPerPartitionOpt,
+    threads: Optional[int] = ThreadsOpt,
+    memory: Optional[str] = MemoryOpt,
+    allow_incomplete: Optional[bool] = IncompleteOpt,
+    config_path: Optional[Path] = ConfigOpt,
+    address: Optional[str] = RayOpt,
+) -> None:
+    """Merge a per-row table into the metadata by key (e.g. LAION's aesthetic scores by hash),
+    hash-partitioned on both sides so memory stays bounded for billions of rows. Every row is in
+    the ledger: kept (reason unmatched / ambiguous where it applies) or, with --missing drop,
+    filtered as unmatched."""
+    flags = dict(table=table, on=on, table_key=table_key, columns=columns or None, duplicates=duplicates, missing=missing,
+                 on_clash=on_clash, partitions=partitions, rows_per_partition=rows_per_partition, threads=threads,
+                 memory=memory, allow_incomplete=allow_incomplete)
+    with user_errors():
+        run_step("join", flags, input, output, config_path, address)
 
 
 @app.command("run")

@@ -6,7 +6,7 @@ entry's overrides), and calls `run(cfg, inp, out)`.
     pipelines:
       demo:
         input: demo/laion           # parquet file, folder or glob
-        output: demo/out            # step i writes <output>/<step name>
+        output: demo/out            # step i writes <output>/<step name> (local, s3:// or gs://)
         steps:
           - dedup
           - {step: filter, aesthetic: 5.0}   # a mapping overrides that step's settings
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from rich.console import Console
 from rich.table import Table
 
-from core import atomic, config, ledger
+from core import atomic, config, ledger, storage
+from core.storage import AnyPath
 from curate.steps import Step, get_step
 
 
@@ -45,7 +45,7 @@ class PipelineConfig:
 class PlannedStep:
     step: Step
     cfg: Any
-    out: Path
+    out: AnyPath  # an absolute local path or an object-store URI (core.storage)
 
 
 def _entry(entry: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -80,7 +80,7 @@ def plan(doc: Mapping[str, Any], name: str) -> tuple[PipelineConfig, list[Planne
         cfg = config.merge(step.config, config.section(doc, step.section), overrides, where=where)
         seen[step_name] = seen.get(step_name, 0) + 1
         folder = step_name if seen[step_name] == 1 else f"{step_name}-{seen[step_name]}"
-        planned.append(PlannedStep(step, cfg, Path(pipe.output) / folder))
+        planned.append(PlannedStep(step, cfg, storage.path(pipe.output) / folder))
     return pipe, planned
 
 
@@ -97,12 +97,13 @@ def run(doc: Mapping[str, Any], name: str, console: Console | None = None) -> li
         fused = _fuse(p, nxt, str(inp)) if _fusable(p, nxt) else None
         done = [p, nxt] if fused else [p]
         for q, stats in zip(done, fused or [p.step.run(p.cfg, str(inp), str(p.out))]):
-            results.append(dict(stats, step=q.step.name, output=str(q.out)))
+            brief = {k: v for k, v in stats.items() if k not in ("parts", "ledger")}  # file lists stay in _stats.json
+            results.append(dict(brief, step=q.step.name, output=str(q.out)))
         results[-len(done)].update(seconds=round(time.perf_counter() - start, 3))
         if fused:  # one pass did both: the time is the first step's, the second says so
             results[-1].update(seconds=0.0, fused_into=p.step.name)
         inp, i = done[-1].out, i + len(done)
-    atomic.write_json(Path(pipe.output) / "_summary.json", {"pipeline": name, "steps": results})
+    atomic.write_json(storage.path(pipe.output) / "_summary.json", {"pipeline": name, "steps": results})
     console.print(summary_table(name, results))
     return results
 

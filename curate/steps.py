@@ -13,7 +13,8 @@ B's per-part work inside its own tasks (saving one write and read of the data) i
     fusable: Fusable        B's per-part kernel, and the columns it needs
     fuse_next(cfg, inp, out, b_step, b_cfg, b_out) -> [A's stats, B's stats], or None to decline
 A fusable step's `run` takes `staged=`: a folder of part outputs (data, `_ledger/<task>.parquet`,
-`_done/<task>.json`) written by A's tasks, which it adopts by rename instead of recomputing.
+`_done/<task>.json`) written by A's tasks, which it adopts (a rename, or a server-side copy on an
+object store) instead of recomputing.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ STEP_MODULES: dict[str, str] = {
     "dedup": "curate.metadata.dedup",
     "filter": "curate.metadata.filter",
     "captions": "curate.metadata.captions",
+    "join": "curate.metadata.join",
     "download": "curate.download.step",
     "neardup": "curate.images.neardup",
     "score": "curate.images.score",
@@ -41,9 +43,12 @@ class Fusable:
     inside a previous step's task."""
 
     required: Callable[[Any], list[str]]  # cfg -> input columns the step needs
-    # write(con, cfg, f, relation, columns, out, task) -> the task's marker info: decides every
-    # row of the duckdb `relation` (the rows of input part `f`, with `file_row_number`) and
-    # writes OUT/<task>.parquet and OUT/_ledger/<task>.parquet exactly as the step's own task would.
+    # write(con, cfg, f, src, columns, out, task, attempt, checked=True) -> the task's marker
+    # info: decides every row of the duckdb relation `src()` (the rows of input part `f`, with
+    # `file_row_number` and `_invalid`) and writes OUT/<task>.parquet and
+    # OUT/_ledger/<task>.parquet (names per core.storage.attempt_path) exactly as the step's own
+    # task would, listing them in the info's `files`. `checked`: the rows passed the previous
+    # step's URL/TEXT checks (curate.metadata.io.invalid_reason_sql), so they need not be redone.
     write: Callable[..., dict[str, Any]]
     task: Callable[[int], str]  # the step's task name for input file number i (sorted path order)
 

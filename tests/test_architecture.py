@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from core.config import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("curate", "pretokenize", "train")
@@ -104,7 +105,7 @@ def test_each_step_has_one_name_everywhere() -> None:
     from curate.steps import STEP_MODULES, get_step
 
     commands = set(get_command(app).commands)
-    sections = yaml.safe_load((ROOT / "pipelines.yaml").read_text())["curate"]
+    sections = parse_yaml((ROOT / "pipelines.yaml").read_text())["curate"]
     for name, module in STEP_MODULES.items():
         step = get_step(name)
         assert step.name == name and name in module.split("."), (name, module)

@@ -14,7 +14,8 @@ DOC = config.load_yaml(config.REPO_PIPELINES)
 @pytest.mark.parametrize("name", sorted(STEP_MODULES))
 def test_every_curate_section_builds(name: str) -> None:
     step = get_step(name)
-    overrides = {"captions": "x.parquet"} if name == "captions" else {}  # the one required setting
+    required = {"captions": {"captions": "x.parquet"}, "join": {"table": "t.parquet"}}  # the tables they merge
+    overrides = required.get(name, {})
     config.merge(step.config, config.section(DOC, step.section), overrides, where=step.section)
 
 

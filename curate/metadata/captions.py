@@ -1,35 +1,37 @@
-"""`curate captions`: left-join a long-caption table (ShareGPT4V, PixelProse, Recap-DataComp
-style) onto the metadata as `long_caption`.
+"""`curate captions`: merge a long-caption table (ShareGPT4V, PixelProse, Recap-DataComp
+style) into the metadata as `long_caption`, by the partitioned join of `curate join`
+(curate.metadata.partjoin): both sides hash-partitioned by the normalised key, so a caption
+table of a billion rows is joined with bounded memory per task.
 
-1. One Ray task resolves the caption table once: text normalised (Unicode NFC, every run of
-   whitespace -> one space, trimmed), captions with fewer than `min_words` words dropped,
-   and keys with several candidates resolved deterministically: the longest caption wins,
-   then the lexicographically smallest. Written to OUT/_work/captions.parquet.
-2. One Ray task per input file left-joins it, keeping the file's row order. Every input row
-   is `kept` (rows in = rows out); unmatched rows keep the `long_caption` they had (or null).
+The caption table's rows are read in bounded batches: text normalised (Unicode NFC, every run
+of whitespace -> one space, trimmed); captions with fewer than `min_words` words are not used
+(counted as `too_short`). Keys with several different captions are resolved deterministically:
+the longest caption wins, then the lexicographically smallest (counted as `one_to_many_keys`;
+the row's ledger entry says `ambiguous`). Every input row is `kept` (rows in = rows out);
+unmatched rows keep the `long_caption` they had, or null (ledger reason `unmatched`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console
 
+from core import storage
+from core.config import execution
 from curate.metadata import exec as mx
 from curate.metadata import io as mio
-from core.config import execution
-from core.units import Resources, Unit, run_units
+from curate.metadata import partjoin
 from curate.steps import Step
 
 # join_on -> (metadata column, SQL normalising a key expression `{}` the same way on both sides).
 JOINS: dict[str, tuple[str, str]] = {
-    "url": ("URL", mio.trim_sql("{}")),
+    "url": ("URL", mio.trim_sql("{}::VARCHAR")),
     "hash": ("hash", "TRY_CAST({} AS BIGINT)::VARCHAR"),
-    "sha256": ("sha256", "lower(trim({}))"),
+    "sha256": ("sha256", "lower(trim({}::VARCHAR))"),
     "key": ("key", "trim({}::VARCHAR)"),
 }
 # Caption columns looked for when `caption_column` is empty (ShareGPT4V/Recap/PixelProse names).
@@ -38,13 +40,16 @@ CAPTION_NAMES = ("long_caption", "caption", "re_caption", "vlm_caption", "text")
 
 @dataclass
 class CaptionsConfig:
-    captions: str = ""  # the caption table: a parquet file, folder or glob (required)
+    captions: str = ""  # the caption table: a parquet file, folder, glob or s3:// / gs:// URI (required)
     join_on: str = "url"  # url | hash | sha256 | key: the metadata column to match
     captions_key: str = ""  # the caption table's key column; "" = the same name as join_on
     caption_column: str = ""  # the caption table's text column; "" = first of CAPTION_NAMES present
     min_words: int = 50  # captions with fewer words (after normalisation) are not used
+    partitions: int = 0  # hash partitions; 0 = ceil((rows + caption rows) / rows_per_partition)
+    rows_per_partition: int = 2_000_000  # sizes partitions when `partitions` is 0 (one task joins one)
     threads: int = execution(1)  # duckdb threads and Ray CPUs per task
     memory: str = execution("1GB")  # duckdb memory limit per task
+    allow_incomplete: bool = execution(False)  # read an unfinished upstream step's folder as it is
 
     def __post_init__(self) -> None:
         if not self.captions:
@@ -53,6 +58,8 @@ class CaptionsConfig:
             raise ValueError(f"join_on must be one of {', '.join(JOINS)}, got {self.join_on!r}")
         if self.min_words < 0 or self.threads < 1:
             raise ValueError("min_words must be >= 0 and threads >= 1")
+        if self.partitions < 0 or self.rows_per_partition < 1:
+            raise ValueError("partitions must be >= 0 and rows_per_partition >= 1")
 
 
 def normalise(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
@@ -80,84 +87,64 @@ def caption_columns(cfg: CaptionsConfig, f: mio.InputFile) -> tuple[str, str]:
     return f.column(key), f.column(text)
 
 
-def candidates(cfg: CaptionsConfig, f: mio.InputFile) -> pa.Table:
-    """One caption file as (_k, c, w): normalised key, normalised caption, word count."""
+def table_rows(cfg: CaptionsConfig, con: Any, f: mio.InputFile, j: int, safe: bool) -> partjoin.TableRows:
+    """One caption file's usable rows: normalised key and caption, captions of at least
+    `min_words` words with a key (the others counted), batch by batch."""
     key, text = caption_columns(cfg, f)
-    try:
-        t = pq.read_table(f.path, columns=[key, text])
-    except (pa.ArrowException, OSError) as exc:
-        raise mio.MetadataError(f"{f.path}: unreadable parquet file ({exc})") from exc
-    caption, words = normalise(t[text].cast(pa.string()))
-    return pa.table({"_key": t[key], "c": caption, "w": words})
+    scan = mio.Scan(f, con, columns=[key, text], safe=True)  # every caption checked for UTF-8
+    counts = {"too_short": 0}
+    schema = pa.schema([("_key", mio.plain_type(f.schema.field(key).type)), ("long_caption", pa.string()),
+                        ("_trow", pa.int64())])
 
+    def rows() -> Iterator[pa.RecordBatch]:
+        for batch in scan.batches():
+            caption, words = normalise(batch.column(text).cast(pa.string()))
+            usable = pc.and_(pc.is_valid(batch.column(key)), pc.is_valid(caption))
+            long_enough = pc.greater_equal(words, cfg.min_words)
+            counts["too_short"] += pc.sum(pc.and_(usable, pc.invert(long_enough))).as_py() or 0
+            keep = pc.fill_null(pc.and_(usable, long_enough), False)
+            cols = [batch.column(key), caption, batch.column("file_row_number")]
+            yield pa.RecordBatch.from_arrays([c.filter(keep) for c in cols], schema=schema)
 
-def _resolve(cfg: CaptionsConfig, caps: list[mio.InputFile], work: Path) -> dict[str, Any]:
-    """Task 1: the caption table, normalised, filtered, one caption per key."""
-    con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
-    con.execute("CREATE TEMP TABLE cand (_k VARCHAR, c VARCHAR, w BIGINT)")
-    norm_key = JOINS[cfg.join_on][1].format("_key")
-    for f in caps:  # one file at a time: memory stays at one file's captions
-        con.register("part", candidates(cfg, f))
-        con.execute(f"INSERT INTO cand SELECT {norm_key}, c, w FROM part WHERE _key IS NOT NULL AND c IS NOT NULL")
-        con.unregister("part")
-    mx.copy_to(con, f"SELECT _k, c AS long_caption FROM cand WHERE w >= {cfg.min_words} AND _k IS NOT NULL "
-               "QUALIFY row_number() OVER (PARTITION BY _k ORDER BY length(c) DESC, c ASC) = 1", work / "captions.parquet")
-    total, short, keys, multi = con.execute(
-        f"SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM cand WHERE w < {cfg.min_words}), "
-        f"count(*), count(*) FILTER (WHERE n > 1) FROM (SELECT _k, count(DISTINCT c) AS n FROM cand "
-        f"WHERE w >= {cfg.min_words} AND _k IS NOT NULL GROUP BY _k)").fetchone()
-    con.close()
-    return {"caption_rows": int(total), "too_short": int(short), "keys": int(keys), "one_to_many_keys": int(multi)}
-
-
-def _join_file(f: mio.InputFile, idx: int, cfg: CaptionsConfig, columns: list[tuple[str, str]],
-               work: Path, out: Path) -> dict[str, Any]:
-    """Task 2: left join one metadata file, row order kept; ledger: every row kept."""
-    con = mio.connect(cfg.threads, cfg.memory, str(work / "_duckdb"))
-    src = mio.scan(f)
-    have = mio.relation_columns(con, src)
-    base = [(c, t) for c, t in columns if c.lower() != "long_caption"]
-    old = "s.long_caption" if "long_caption" in have else "NULL::VARCHAR"
-    key = JOINS[cfg.join_on][1].format("s." + mio.ident(f.column(JOINS[cfg.join_on][0])))
-    con.execute(f"CREATE TEMP VIEW s AS SELECT * FROM {src}")
-    joined = (f"SELECT {mio.project_sql(have, base)}, coalesce(c.long_caption, {old}) AS long_caption, "
-              f"c.long_caption IS NOT NULL AS _matched, s.file_row_number AS _row FROM s "
-              f"LEFT JOIN read_parquet({mio.sql_str(str(work / 'captions.parquet'))}) c ON c._k = {key}")
-    con.execute(f"CREATE TEMP TABLE j AS {joined}")
-    cols = ", ".join(mio.ident(c) for c, _ in base + [("long_caption", "VARCHAR")])
-    mx.copy_to(con, f"SELECT {cols} FROM j ORDER BY _row", out / f"part-{idx:05d}.parquet")
-    key, key_type = mio.ledger_key_sql(f, base)
-    select = mx.ledger_select("captions", mio.sql_str(f.path), "_row", key, "'kept'", key_type=key_type, sources=[f.path])
-    mx.write_ledger(con, f"SELECT {select} FROM j", out, f"part-{idx:05d}")
-    matched = con.execute("SELECT count(*) FILTER (WHERE _matched) FROM j").fetchone()[0]
-    con.close()
-    return {"rows": f.rows, "matched": int(matched)}
+    name = "captions_" + mx.attempt()
+    con.register(name, pa.RecordBatchReader.from_batches(schema, rows()))
+    norm = JOINS[cfg.join_on][1].format("_key")
+    sql = f"SELECT {norm} AS _jk, long_caption, {j}::INTEGER AS _tsrc, _trow FROM {name}"
+    return partjoin.TableRows(sql, lambda: dict(counts))
 
 
 def run(cfg: CaptionsConfig, inp: str, out: str) -> dict[str, Any]:
     """Merge long captions into every parquet file of `inp`, written to `out`; returns the stats."""
-    files = mio.load_inputs(inp, [JOINS[cfg.join_on][0]])
+    meta_key, norm = JOINS[cfg.join_on]
+    files = mio.load_inputs(inp, [] if meta_key == "hash" else [meta_key], cfg.allow_incomplete)
     caps = mio.load_inputs(cfg.captions)
     for f in caps:
         caption_columns(cfg, f)  # validate every caption file before writing anything
-    columns = mio.unified_columns(files, mio.connect())
-    out_path = Path(out)
-    rd = mx.open_run(out_path, "captions", cfg, inp, files, captions=mio.fingerprint(caps))
-    mx.clean_temp_dirs(out_path / "_work")
-    work = out_path / "_work"
-    res = Resources(cpus=cfg.threads)
-    (table,) = run_units(rd, [Unit("captions-table", (cfg, caps, work))], _resolve, "captions: resolve table", res)
-    units = [Unit(f"part-{i:05d}", (f, i, cfg, columns, work, out_path)) for i, f in enumerate(files)]
-    infos = run_units(rd, units, _join_file, "captions: join", res)
-    matched, rows = sum(i["matched"] for i in infos), sum(f.rows for f in files)
-    rate = matched / rows if rows else 0.0
-    Console(soft_wrap=True).print(f"captions: {matched:,} of {rows:,} rows matched a long caption ({100 * rate:.1f}%), "
-                    f"{table['one_to_many_keys']:,} keys had several candidate captions (longest kept)")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)  # the resolved table is consumed; markers stay
-    table_stats = {k: table[k] for k in ("caption_rows", "too_short", "keys", "one_to_many_keys")}
-    return mx.finish(out_path, "captions", files, matched=matched, match_rate=round(rate, 6), **table_stats)
+    con = mio.connect()
+    meta_columns = mio.unified_columns(files, con)
+    if meta_key == "hash" and "hash" not in {c.lower() for c, _ in meta_columns}:
+        meta_columns.append(("hash", "BIGINT"))  # computed for files that lack it (LAION's definition)
+    has_caption = any(c.lower() == "long_caption" for c, _ in meta_columns)
+    parts = partjoin.partitions(sum(f.rows for f in files) + sum(f.rows for f in caps), cfg.rows_per_partition,
+                                cfg.partitions)
+    merge = partjoin.Merge(
+        step="captions", key_norm=norm, key_type="VARCHAR", meta_key=meta_key,
+        table_rows=functools.partial(table_rows, cfg), values=(("long_caption", "VARCHAR"),),
+        meta_columns=tuple(meta_columns), clash=(("long_caption", "replace"),) if has_caption else (),
+        order="length(long_caption) DESC, long_caption ASC", distinct="long_caption",
+        threads=cfg.threads, memory=cfg.memory)
+    out_path = storage.path(out)
+    rd = mx.open_run(out_path, "captions", cfg, inp, files, captions=mio.fingerprint(caps), partitions=parts)
+    tmaps, infos = partjoin.run(rd, merge, files, caps, parts, "captions")
+    t = partjoin.totals(tmaps, "rows", "used", "too_short")
+    j = partjoin.totals(infos, "matched", "table_keys", "table_duplicate_keys")
+    rows = sum(f.rows for f in files)
+    rate = j["matched"] / rows if rows else 0.0
+    Console(soft_wrap=True).print(f"captions: {j['matched']:,} of {rows:,} rows matched a long caption ({100 * rate:.1f}%), "
+                                  f"{j['table_duplicate_keys']:,} keys had several candidate captions (longest kept)")
+    return mx.finish(out_path, "captions", files, infos, matched=j["matched"], match_rate=round(rate, 6),
+                     caption_rows=t["rows"], too_short=t["too_short"], keys=j["table_keys"],
+                     one_to_many_keys=j["table_duplicate_keys"], partitions=parts)
 
 
 STEP = Step("captions", CaptionsConfig, run)

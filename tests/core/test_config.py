@@ -119,3 +119,11 @@ def test_numeric_text_is_accepted_for_numeric_fields() -> None:
     assert build(Optim, parse_sets(["lr=3e-4", "steps=20"])) == Optim(lr=3e-4, steps=20)
     with pytest.raises(ConfigError, match="Optim.lr: expected float"):
         build(Optim, {"lr": "fast"})
+
+
+def test_yaml_booleans_are_only_true_and_false(tmp_path) -> None:
+    # YAML 1.1 would read `on: hash` (curate join's key) as {True: "hash"} and `no` as False.
+    p = tmp_path / "pipelines.yaml"
+    p.write_text("curate:\n  join:\n    on: hash\n    missing: no\n    flag: true\n    other: False\n")
+    assert config.section(config.load_yaml(p), "curate.join") == {"on": "hash", "missing": "no", "flag": True, "other": False}
+    assert config.parse_sets(["curate.join.on=off"]) == {"curate": {"join": {"on": "off"}}}

@@ -13,7 +13,7 @@ from metadata_data import read_out, row, write
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("cmd", ["synth", "dedup", "filter", "captions", "run"])
+@pytest.mark.parametrize("cmd", ["synth", "dedup", "filter", "captions", "join", "run"])
 def test_help(cmd):
     result = runner.invoke(app, [cmd, "--help"])
     assert result.exit_code == 0, result.output

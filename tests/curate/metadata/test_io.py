@@ -55,14 +55,14 @@ def test_unified_columns_rename_and_supertypes(tmp_path):
     con = mio.connect()
     cols = dict(mio.unified_columns([a, b], con))
     assert cols == {"URL": "VARCHAR", "aesthetic": "DOUBLE", "w": "BIGINT", "x": "VARCHAR"}
-    proj = mio.project_sql(mio.relation_columns(con, mio.scan(a)), list(cols.items()))
-    assert con.execute(f"SELECT {proj} FROM {mio.scan(a)}").fetchall() == [("u", 5.0, 1, None)]
+    proj = mio.project_sql(mio.file_columns(a), list(cols.items()))
+    assert con.execute(f"SELECT {proj} FROM {mio.Scan(a, con)()}").fetchall() == [("u", 5.0, 1, None)]
 
 
 def test_scan_computes_missing_hash(tmp_path):
     f = mio.inspect(write(tmp_path / "a.parquet", [{"URL": "u", "TEXT": "t"}, {"URL": None, "TEXT": "t"}], schema=None))
     con = mio.connect()
-    got = con.execute(f"SELECT hash, file_row_number FROM {mio.scan(f, con)}").fetchall()
+    got = con.execute(f"SELECT hash, file_row_number FROM {mio.Scan(f, con, with_hash=True)()}").fetchall()
     assert got == [(mmh3.hash64("ut")[0], 0), (mmh3.hash64("t")[0], 1)]
 
 
@@ -70,7 +70,7 @@ def test_nan_is_seen_despite_parquet_statistics(tmp_path):
     # pyarrow writes min/max statistics without NaN; duckdb 2.0.1 would fold isnan() to false.
     f = mio.inspect(write(tmp_path / "a.parquet", [row("a", similarity=0.3), row("b", similarity=float("nan"))]))
     con = mio.connect()
-    assert con.execute(f"SELECT {mio.num_sql('similarity')} IS NULL FROM {mio.scan(f)}").fetchall() == [(False,), (True,)]
+    assert con.execute(f"SELECT {mio.finite_sql(f, 'similarity')} IS NULL FROM {mio.Scan(f, con)()}").fetchall() == [(False,), (True,)]
 
 
 def test_fingerprint_and_sql_helpers(tmp_path):
