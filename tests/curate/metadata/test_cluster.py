@@ -56,7 +56,9 @@ def test_two_nodes_share_only_the_object_store(s3, tmp_path):
     for step in ("dedup", "join"):
         for marker in storage.path(f"{s3}/out/{step}/_done").glob("*.json"):
             nodes[json.loads(marker.read_text())["node"]] += 1
-    assert len(nodes) == 2 and min(nodes.values()) >= 3, nodes  # both nodes ran several tasks
+    # Both nodes ran tasks. How many each is Ray's choice: its default policy fills the local node
+    # first, and the second node's workers start seconds later on this busy machine (seen 20 + 1).
+    assert len(nodes) == 2, nodes
     stats = json.loads(storage.path(f"{s3}/out/join/_stats.json").read_text())
     assert stats["rows_in"] == json.loads(storage.path(f"{s3}/out/filter/_stats.json").read_text())["kept"]
     assert stats["matched"] > 0
