@@ -37,7 +37,8 @@ def score_thresholds(settings: dict[str, Any]) -> list[Threshold]:
     out = []
     for name, rule in RULES.items():
         value = settings.get(name)
-        if value is None or rule.value not in SCORE_COLUMNS:
+        # a rule on one score column as it is (its SQL is the bare column: "{0}")
+        if value is None or rule.value != "{0}" or len(rule.columns) != 1 or rule.columns[0] not in SCORE_COLUMNS:
             continue
-        out.append(Threshold(name, rule.value, float(value), keep_high=rule.op == "<"))
+        out.append(Threshold(name, rule.columns[0], float(value), keep_high=rule.op == "<"))
     return out
