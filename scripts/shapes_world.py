@@ -131,27 +131,6 @@ def training_items(per_combo: int = 30, holdout: int = 6, seed: int = 0):
             i += 1
 
 
-def write_shards(folder, per_combo: int = 30, holdout: int = 6, seed: int = 0, per_shard: int = 1000) -> int:
-    """The training images as webdataset shards laid out as `curate download` writes them
-    (key = shard id + index; .png, .txt, .json with LAION's score columns), for runs that
-    skip the HTTP round trip (bench/toy_t2i.py). Returns the number of samples."""
-    from pathlib import Path
-
-    from core.imageshard import Sample, write_shard
-
-    rng = np.random.default_rng(seed + 2)
-    samples = []
-    for i, (name, data, caption, (w, h)) in enumerate(training_items(per_combo, holdout, seed)):
-        shard, index = divmod(i, per_shard)
-        meta = {"url": f"http://127.0.0.1/{name}", "caption": caption, "width": w, "height": h,
-                "original_width": w, "original_height": h, "aesthetic": float(rng.uniform(4.6, 7.0)),
-                "pwatermark": float(rng.uniform(0.0, 0.3)), "punsafe": float(rng.uniform(0.0, 0.1))}
-        samples.append((shard, Sample(f"{shard:05d}{index:04d}", data, "png", caption, meta)))
-    for shard in sorted({s for s, _ in samples}):
-        write_shard(Path(folder) / f"{shard:05d}.tar", [x for s, x in samples if s == shard])
-    return len(samples)
-
-
 # ---------------------------------------------------------------- judging generated pictures
 @dataclass(frozen=True)
 class Verdict:

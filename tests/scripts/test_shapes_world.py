@@ -81,10 +81,23 @@ def test_served_world_has_laion_metadata(tmp_path):
 
 
 def test_write_shards_reads_back_as_download_output(tmp_path):
+    import demo_web
     from core.imageshard import iter_shard, list_shards
 
-    n = W.write_shards(tmp_path, per_combo=1, per_shard=50)
+    n = demo_web.write_shards(tmp_path, demo_web.shape_items(1, 0), size=64, per_shard=50)
     samples = [s for tar in list_shards(tmp_path) for s in iter_shard(tar)]
     assert n == len(samples) == 84 and len(list_shards(tmp_path)) == 2
-    assert samples[0].key == "000000000" and samples[-1].key == "000010033"
+    assert samples[0].key == "000000000" and samples[-1].key == "000010033" and samples[0].image_ext == "png"
     assert all(W.judge(decode(s.image), W.parse_caption(s.caption)).right for s in samples[::7])
+
+
+def test_write_shards_resizes_and_leaves_out_what_a_download_would_fail(tmp_path):
+    import demo_web
+    from core.imageshard import iter_shard, list_shards
+
+    big = Image.new("RGB", (160, 120), (10, 200, 30))
+    items = [("a.png", W.png(big), "wide", (160, 120)), ("dead.jpg", None, "dead", (160, 160)),
+             ("bad.jpg", b"not an image", "corrupt", (160, 160))]
+    assert demo_web.write_shards(tmp_path, items, size=64) == 1
+    (sample,) = [s for tar in list_shards(tmp_path) for s in iter_shard(tar)]
+    assert sample.image_ext == "jpg" and Image.open(io.BytesIO(sample.image)).size == (64, 64)
