@@ -83,35 +83,84 @@ def jpeg(img: Image.Image, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def build_corpus(out: Path, n: int, port: int, seed: int) -> int:
-    """Write OUT/www/*.jpg and OUT/meta/part-00000.parquet; returns the number of rows."""
+def photo_items(n: int, seed: int):
+    """(file name, bytes or None for a dead link, caption, (w, h)) of the photo corpus: n
+    variants of the scikit-image photos, planted exact and near duplicates, a dead link and a
+    corrupt file."""
     rng = np.random.default_rng(seed)
-    www = out / "www"
-    www.mkdir(parents=True, exist_ok=True)
     photos = load_photos()
     names = list(PHOTOS)
-    rows: list[dict] = []
-
-    def add(fname: str, data: bytes | None, text: str, size: tuple[int, int]) -> None:
-        if data is not None:
-            (www / fname).write_bytes(data)
-        url = f"http://127.0.0.1:{port}/{fname}"
-        rows.append(dict(URL=url, TEXT=text, WIDTH=float(size[0]), HEIGHT=float(size[1])))
-
     for i in range(n):
         name = names[i % len(names)]
         img, extra = variant(photos[name], rng)
         text = f"{STYLES[i % len(STYLES)]} {PHOTOS[name]}, {extra}"
         data = jpeg(img)
-        add(f"img{i:05d}.jpg", data, text, img.size)
+        yield f"img{i:05d}.jpg", data, text, img.size
         if i % 10 == 3:  # the same bytes under another URL: an exact duplicate (sha256)
-            add(f"copy{i:05d}.jpg", data, text + ", reposted", img.size)
+            yield f"copy{i:05d}.jpg", data, text + ", reposted", img.size
         if i % 10 == 7:  # re-encoded at low quality: a near duplicate (pHash)
-            add(f"lowq{i:05d}.jpg", jpeg(img, 35), text + ", low quality", img.size)
-    add("missing.jpg", None, "a link that is dead", (160, 160))  # 404
-    add("corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg", "a corrupt file", (160, 160))
-    write_metadata(out / "meta" / "part-00000.parquet", rows, rng)
+            yield f"lowq{i:05d}.jpg", jpeg(img, 35), text + ", low quality", img.size
+    yield "missing.jpg", None, "a link that is dead", (160, 160)  # 404
+    yield "corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg", "a corrupt file", (160, 160)
+
+
+def shape_items(n: int, seed: int):
+    """The shapes world's training images (scripts/shapes_world.py), n per combination."""
+    from shapes_world import training_items
+
+    return training_items(per_combo=n, seed=seed)
+
+
+# --world: what the server holds. --n is distinct photos, or images per shape combination.
+WORLDS = {"photos": photo_items, "shapes": shape_items}
+
+
+def build_corpus(out: Path, items, port: int, seed: int) -> int:
+    """Write OUT/www/<files> and OUT/meta/part-00000.parquet (URLs on 127.0.0.1:port) from
+    (file name, bytes or None, caption, (w, h)) items; returns the number of rows."""
+    www = out / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for fname, data, text, size in items:
+        if data is not None:
+            (www / fname).write_bytes(data)
+        url = f"http://127.0.0.1:{port}/{fname}"
+        rows.append(dict(URL=url, TEXT=text, WIDTH=float(size[0]), HEIGHT=float(size[1])))
+    write_metadata(out / "meta" / "part-00000.parquet", rows, np.random.default_rng(seed))
     return len(rows)
+
+
+def write_shards(folder: Path, items, size: int, per_shard: int = 1000, seed: int = 0) -> int:
+    """Items as webdataset shards laid out as `curate download` writes them (key = shard id +
+    index; image, .txt, .json with LAION's score columns), for benchmarks that skip the HTTP
+    round trip. Like the download: dead links and undecodable bytes are left out, and images not
+    already size x size are resized (shorter side) and centre-cropped to it, then re-encoded as
+    JPEG 95. Returns the number of samples written."""
+    from core.image import decode_rgb
+    from core.imageshard import Sample, write_shard
+
+    rng = np.random.default_rng(seed)
+    shards: dict[int, list] = {}
+    for name, data, caption, _ in items:
+        try:
+            img = decode_rgb(data or b"")
+        except Exception:  # the dead link and the corrupt file, as the download drops them
+            continue
+        ext = name.rsplit(".", 1)[1]
+        if img.size != (size, size):
+            scale = size / min(img.size)
+            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            data, ext = jpeg(img.crop((left, top, left + size, top + size)), 95), "jpg"
+        n = sum(len(v) for v in shards.values())
+        meta = {"url": f"http://127.0.0.1/{name}", "caption": caption, "width": size, "height": size,
+                "aesthetic": float(rng.uniform(4.6, 7.0)), "pwatermark": float(rng.uniform(0.0, 0.3)),
+                "punsafe": float(rng.uniform(0.0, 0.1))}
+        shard, index = divmod(n, per_shard)
+        shards.setdefault(shard, []).append(Sample(f"{shard:05d}{index:04d}", data, ext, caption, meta))
+    for shard, samples in shards.items():
+        write_shard(Path(folder) / f"{shard:05d}.tar", samples)
+    return sum(len(v) for v in shards.values())
 
 
 def write_metadata(path: Path, rows: list[dict], rng: np.random.Generator) -> None:
@@ -141,7 +190,10 @@ class QuietHandler(SimpleHTTPRequestHandler):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for www/ and meta/")
-    parser.add_argument("--n", type=int, default=320, help="distinct images before duplicates")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="photos",
+                        help="photos (scikit-image photos, planted duplicates) or shapes (scripts/shapes_world.py)")
+    parser.add_argument("--n", type=int, default=320,
+                        help="photos: distinct images before duplicates; shapes: images per combination")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- command to run while serving")
     args = parser.parse_args()
@@ -150,7 +202,8 @@ def main() -> int:
     (args.out / "www").mkdir(parents=True, exist_ok=True)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    n = build_corpus(args.out, args.n, server.server_address[1], args.seed)
+    items = WORLDS[args.world](args.n, args.seed)
+    n = build_corpus(args.out, items, server.server_address[1], args.seed)
     print(f"demo web: {n} URLs served from {args.out / 'www'} on 127.0.0.1:{server.server_address[1]}")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

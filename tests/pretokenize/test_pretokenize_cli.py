@@ -43,11 +43,14 @@ def test_encode_on_ray_then_check(tmp_path, shards, vq_dir, ray_local):
 def test_fit_vq_spelling(tmp_path, shards):
     out = tmp_path / "vq"
     result = runner.invoke(app, ["fit-vq", "--input", str(shards), "--output", str(out), "--steps", "2",
-                                 "--codebook", "16", "--downsample", "4", "--res", "16", "--batch-size", "2",
-                                 "--width", "8"])
+                                 "--codebook", "16", "--downsample", "4", "--res", "16", "--crop", "8",
+                                 "--batch-size", "2", "--width", "8"])
     assert result.exit_code == 0, result.output
     vq = load_vq(out)
     assert vq.config.num_vq_embeddings == 16 and "saved VQ (16 codes, f4)" in flat(result)
+    assert "held-out PSNR" in flat(result)
+    again = runner.invoke(app, ["fit-vq", "--input", str(shards), "--output", str(out), "--steps", "2"])
+    assert again.exit_code == 2 and "exists and is not empty" in flat(again)  # never half-overwritten
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, shards, vq_dir):
