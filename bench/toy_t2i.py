@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -61,18 +60,6 @@ def timed(cmd: list[str], log: Path) -> dict[str, float]:
     return {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def judge_grid(path: Path, prompts: list[str], n: int) -> list[dict]:
-    """`train sample`'s grid (one row per prompt, n images per row) -> one verdict per image."""
-    grid = np.asarray(Image.open(path).convert("RGB"))
-    out = []
-    for r, prompt in enumerate(prompts):
-        for c in range(n):
-            tile = grid[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE]
-            v = W.judge(tile, W.parse_caption(prompt))
-            out.append({"prompt": prompt, "seed": c, **v.__dict__})
-    return out
-
-
 def summary(verdicts: list[dict]) -> dict[str, float]:
     """Shares of images right (colours + shape), with the colours right, and of prompts whose
     images are right for at least half the seeds."""
@@ -89,7 +76,7 @@ def sample_and_judge(work: Path, name: str, prompts: list[str], seeds: int) -> t
     for p in prompts:
         args += ["--prompt", p]
     t = timed(command("train", *args), work / f"sample_{name}.log")
-    verdicts = judge_grid(grid, prompts, seeds)
+    verdicts = W.judge_grid(grid, prompts, seeds)
     return dict(summary(verdicts), **t), verdicts
 
 

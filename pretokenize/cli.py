@@ -101,7 +101,7 @@ def fit_vq_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="New VQ folder to write (loadable by pretokenize --vq)."),
     codebook: Optional[int] = typer.Option(None, "--codebook", help="Codebook size (default 1024)."),
     downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per token side, a power of 2 (default 4: 64 px -> 16x16 tokens)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 2000, ~1.5-3 min on 2 CPU cores)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 2500, ~2.5 min on 2 CPU cores)."),
     res: Optional[int] = typer.Option(None, "--res", help="Image side in pixels (shorter side resized to it; default 64); PSNR is measured at res x res."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Training crop side in pixels (default 32)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per step (default 16)."),

@@ -180,17 +180,53 @@ def judge(image: np.ndarray, want: Combo) -> Verdict:
                    colours_right and shape == want.shape and single)
 
 
-def main() -> None:
-    """`python scripts/shapes_world.py held-out [--n 6] [--seed 0]`: the held-out captions, one a line."""
+def judge_grid(path, prompts: list[str], n: int, size: int = SIZE) -> list[dict]:
+    """`train sample`'s grid (one row per prompt, n images of size x size per row) -> one
+    verdict per image, as dicts with "prompt" and "seed" (the column)."""
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    if grid.shape[0] < len(prompts) * size or grid.shape[1] < n * size:
+        raise ValueError(f"{path}: {grid.shape[1]}x{grid.shape[0]} px is not a grid of {len(prompts)} rows x {n} "
+                         f"images of {size} px")
+    out = []
+    for r, prompt in enumerate(prompts):
+        for c in range(n):
+            tile = grid[r * size:(r + 1) * size, c * size:(c + 1) * size]
+            out.append({"prompt": prompt, "seed": c, **judge(tile, parse_caption(prompt)).__dict__})
+    return out
+
+
+def main() -> int:
+    """`held-out`: the held-out captions, one a line. `judge GRID --n N [--prompt P ...]`: judge a
+    `train sample` grid of those prompts (default: the held-out ones) by pixel statistics; one
+    line per prompt; exit 0 when every prompt is right for at least half its images."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("what", choices=["held-out"])
-    parser.add_argument("--n", type=int, default=6, help="combinations held out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("what", choices=["held-out", "judge"])
+    parser.add_argument("grid", nargs="?", help="judge: the PNG grid written by `train sample`")
+    parser.add_argument("--holdout", type=int, default=6, help="combinations held out")
+    parser.add_argument("--seed", type=int, default=0, help="world seed (which combinations are held out)")
+    parser.add_argument("--n", type=int, default=4, help="judge: images per prompt (train sample --n)")
+    parser.add_argument("--prompt", action="append", help="judge: the grid's prompts in order (default: held out)")
     args = parser.parse_args()
-    print("\n".join(c.caption for c in held_out(args.n, args.seed)))
+    held = [c.caption for c in held_out(args.holdout, args.seed)]
+    if args.what == "held-out":
+        print("\n".join(held))
+        return 0
+    if not args.grid:
+        parser.error("judge needs the grid's path")
+    prompts = args.prompt or held
+    verdicts = judge_grid(args.grid, prompts, args.n)
+    good = 0
+    for p in prompts:
+        mine = [v for v in verdicts if v["prompt"] == p]
+        right = sum(v["right"] for v in mine)
+        good += right * 2 >= len(mine)
+        seen = ", ".join(f"{v['colour']} {v['shape']} on {v['background']}" for v in mine if not v["right"])
+        print(f"  {right}/{len(mine)} right  {p}" + (f"   (wrong: {seen})" if seen else ""))
+    print(f"{good} of {len(prompts)} prompts rendered right in at least half of their {args.n} images")
+    return 0 if good == len(prompts) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -101,3 +101,27 @@ def test_write_shards_resizes_and_leaves_out_what_a_download_would_fail(tmp_path
     assert demo_web.write_shards(tmp_path, items, size=64) == 1
     (sample,) = [s for tar in list_shards(tmp_path) for s in iter_shard(tar)]
     assert sample.image_ext == "jpg" and Image.open(io.BytesIO(sample.image)).size == (64, 64)
+
+
+def test_judge_cli_reads_a_sample_grid(tmp_path):
+    import subprocess
+    import sys
+
+    held = W.held_out()
+    rng = np.random.default_rng(0)
+    grid = Image.new("RGB", (2 * W.SIZE, len(held) * W.SIZE))
+    for r, c in enumerate(held):  # row r: the prompt's combo, then (last row) a wrong colour
+        right = W.random_image(c, rng)
+        wrong = W.random_image(W.Combo(c.shape, c.background, c.colour), rng)  # colours swapped
+        grid.paste(right, (0, r * W.SIZE))
+        grid.paste(wrong if r == len(held) - 1 else right, (W.SIZE, r * W.SIZE))
+    grid.save(tmp_path / "grid.png")
+    verdicts = W.judge_grid(tmp_path / "grid.png", [c.caption for c in held], 2)
+    assert [v["right"] for v in verdicts] == [True] * (2 * len(held) - 1) + [False]
+    script = W.__file__
+    done = subprocess.run([sys.executable, script, "judge", str(tmp_path / "grid.png"), "--n", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr  # 1 of 2 right is still half
+    assert f"{len(held)} of {len(held)} prompts" in done.stdout and "1/2 right" in done.stdout
+    with pytest.raises(ValueError, match="not a grid"):
+        W.judge_grid(tmp_path / "grid.png", [c.caption for c in held], 3)
