@@ -90,28 +90,41 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="world seed (which combinations are held out)")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "_work" / "toy_t2i")
     ap.add_argument("--figures", type=Path, default=None, help="copy the loss curve and grids here")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep --work and skip the commands that finished there (their times are in times.json)")
     args = ap.parse_args()
 
     work = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    items = W.training_items(args.per_combo, args.holdout, args.seed)
-    images = demo_web.write_shards(work / "shards", items, SIZE, seed=args.seed)
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     held = [c.caption for c in W.held_out(args.holdout, args.seed)]
+    if not (work / "shards").is_dir():
+        items = W.training_items(args.per_combo, args.holdout, args.seed)
+        demo_web.write_shards(work / "shards", items, SIZE, seed=args.seed)
+    images = args.per_combo * (len(W.all_combos()) - args.holdout)
     print(f"world: {images} training images, held out: {held}", flush=True)
 
-    times = {}
+    times_file = work / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
     vq_steps = ["--steps", str(args.vq_steps)] if args.vq_steps else []
-    times["fit_vq"] = timed(command("pretokenize", "fit-vq", "--input", str(work / "shards"),
-                                    "--output", str(work / "vq"), *vq_steps), work / "fit_vq.log")
+    stages = {  # name -> (command, what exists once it finished)
+        "fit_vq": (command("pretokenize", "fit-vq", "--input", str(work / "shards"), "--output", str(work / "vq"),
+                           *vq_steps), work / "vq" / "fit_report.json"),
+        "pretokenize": (command("pretokenize", "--res", str(SIZE), "--input", str(work / "shards"), "--output",
+                                str(work / "codes"), "--vq", str(work / "vq")), work / "codes" / "manifest.json"),
+        "train": (command("train", "run", "debug", "--data", str(work / "codes"), "--run-dir", str(work / "run"),
+                          "--steps", str(args.train_steps)), work / "run" / "checkpoints" / f"step_{args.train_steps:08d}"),
+    }
+    for name, (cmd, done) in stages.items():
+        if name in times and done.exists():
+            print(f"{name}: done before, {times[name]}", flush=True)
+            continue
+        times[name] = timed(cmd, work / f"{name}.log")
+        times_file.write_text(json.dumps(times, indent=1))
+        print(f"{name}: {times[name]}", flush=True)
     fit = json.loads((work / "vq" / "fit_report.json").read_text())
-    print(f"fit-vq: held-out PSNR {fit['psnr']:.2f} dB, {times['fit_vq']}", flush=True)
-    times["pretokenize"] = timed(command("pretokenize", "--res", str(SIZE), "--input", str(work / "shards"),
-                                         "--output", str(work / "codes"), "--vq", str(work / "vq")),
-                                 work / "pretokenize.log")
-    times["train"] = timed(command("train", "run", "debug", "--data", str(work / "codes"), "--run-dir",
-                                   str(work / "run"), "--steps", str(args.train_steps)), work / "train.log")
-    print(f"train: {times['train']}", flush=True)
+    print(f"fit-vq: held-out PSNR {fit['psnr']:.2f} dB", flush=True)
 
     # Control: as many training combinations, spread over the list, rendered the same way.
     trained = [c.caption for c in W.all_combos() if c.caption not in held]

@@ -175,9 +175,9 @@ def judge(image: np.ndarray, want: Combo) -> Verdict:
     shape = min(FILL, key=lambda s: abs(FILL[s] - fill))
     area = float(fg.mean())
     colours_right = names[bg] == want.background and names[colour] == want.colour
-    single = blob.sum() >= 0.8 * fg.sum() and 0.03 <= area <= 0.5
-    return Verdict(names[bg], names[colour], shape, area, fill, colours_right,
-                   colours_right and shape == want.shape and single)
+    single = bool(blob.sum() >= 0.8 * fg.sum()) and 0.03 <= area <= 0.5
+    return Verdict(names[bg], names[colour], shape, area, fill, bool(colours_right),
+                   bool(colours_right and shape == want.shape and single))
 
 
 def judge_grid(path, prompts: list[str], n: int, size: int = SIZE) -> list[dict]:
@@ -207,6 +207,7 @@ def main() -> int:
     parser.add_argument("--holdout", type=int, default=6, help="combinations held out")
     parser.add_argument("--seed", type=int, default=0, help="world seed (which combinations are held out)")
     parser.add_argument("--n", type=int, default=4, help="judge: images per prompt (train sample --n)")
+    parser.add_argument("--size", type=int, default=SIZE, help="judge: pixels per image side in the grid")
     parser.add_argument("--prompt", action="append", help="judge: the grid's prompts in order (default: held out)")
     args = parser.parse_args()
     held = [c.caption for c in held_out(args.holdout, args.seed)]
@@ -216,7 +217,7 @@ def main() -> int:
     if not args.grid:
         parser.error("judge needs the grid's path")
     prompts = args.prompt or held
-    verdicts = judge_grid(args.grid, prompts, args.n)
+    verdicts = judge_grid(args.grid, prompts, args.n, args.size)
     good = 0
     for p in prompts:
         mine = [v for v in verdicts if v["prompt"] == p]
