@@ -183,7 +183,10 @@ def judge(image: np.ndarray, want: Combo) -> Verdict:
 def judge_grid(path, prompts: list[str], n: int, size: int = SIZE) -> list[dict]:
     """`train sample`'s grid (one row per prompt, n images of size x size per row) -> one
     verdict per image, as dicts with "prompt" and "seed" (the column)."""
-    grid = np.asarray(Image.open(path).convert("RGB"))
+    from core.image import decode_rgb  # the repository's one safe decoder
+
+    with open(path, "rb") as f:
+        grid = np.asarray(decode_rgb(f.read()))
     if grid.shape[0] < len(prompts) * size or grid.shape[1] < n * size:
         raise ValueError(f"{path}: {grid.shape[1]}x{grid.shape[0]} px is not a grid of {len(prompts)} rows x {n} "
                          f"images of {size} px")
