@@ -90,6 +90,7 @@ def metadata(work: Path, kills: int) -> dict:
 def download(work: Path, kills: int, server: hs.ImageServer) -> dict:
     import test_download_faults as D
 
+    (work / "dl").mkdir(parents=True, exist_ok=True)
     D.build(work / "dl", server)
 
     def pool(p) -> bool:
@@ -151,15 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     only = set(filter(None, args.only.split(","))) or {"metadata", "download", "images", "train", "hostile"}
     rows, cases = [], []
+    def done(new: list[dict]) -> None:  # each campaign's figures as soon as it ends
+        rows.extend(new)
+        for r in new:
+            print(json.dumps(r), flush=True)
+
     with hs.ImageServer() as server:
         if "metadata" in only:
-            rows.append(metadata(work, args.kills))
+            done([metadata(work, args.kills)])
         if "download" in only:
-            rows.append(download(work, args.kills, server))
+            done([download(work, args.kills, server)])
         if "images" in only:
-            rows += images(work, args.kills)
+            done(images(work, args.kills))
         if "train" in only:
-            rows.append(train(work, args.kills))
+            done([train(work, args.kills)])
         if "hostile" in only:
             cases = hostile(work, server)
     print("| command | faults injected | landed mid-run | reruns that finished | rows lost | rows doubled | "
