@@ -99,7 +99,7 @@ def check_cmd(
 def fit_vq_cmd(
     input: Path = typer.Option(..., "--input", "-i", help="Image shards to fit on (webdataset *.tar)."),
     output: Path = typer.Option(..., "--output", "-o", help="New VQ folder to write (loadable by pretokenize --vq)."),
-    codebook: Optional[int] = typer.Option(None, "--codebook", help="Codebook size (default 1024)."),
+    codebook: Optional[int] = typer.Option(None, "--codebook", help="Codebook size (default 256)."),
     downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per token side, a power of 2 (default 4: 64 px -> 16x16 tokens)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 2500, ~2.5 min on 2 CPU cores)."),
     res: Optional[int] = typer.Option(None, "--res", help="Image side in pixels (shorter side resized to it; default 64); PSNR is measured at res x res."),

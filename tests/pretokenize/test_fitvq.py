@@ -35,7 +35,7 @@ def test_default_recipe_runs(tmp_path, shards):
     cfg = FitVQConfig(steps=3, full_steps=1)
     report = fit_vq(cfg, shards, tmp_path / "vq")
     vq = load_vq(tmp_path / "vq")
-    assert vq.config.num_vq_embeddings == 1024 and encode_codes(vq, torch.rand(1, 3, 64, 64)).shape == (1, 16, 16)
+    assert vq.config.num_vq_embeddings == 256 and encode_codes(vq, torch.rand(1, 3, 64, 64)).shape == (1, 16, 16)
     assert report["held_out_images"] == 3 and report["steps"] == 3 and report["cpu_seconds"] > 0
 
 
