@@ -32,7 +32,7 @@ step "7/8 sample the held-out prompts (never in training) and judge the pictures
 mapfile -t HELD < <($BIN/python scripts/shapes_world.py held-out)
 PROMPTS=()
 for p in "${HELD[@]}"; do PROMPTS+=(--prompt "$p"); done
-$BIN/train sample --checkpoint demo/train --out demo/samples.png --n 4 --cfg 3 "${PROMPTS[@]}"  # cfg 3: the tiny model does best there (bench/RESULTS.md)
+$BIN/train sample --checkpoint demo/train --out demo/samples.png --n 4 "${PROMPTS[@]}"  # guidance: the debug stage's sample.cfg (3)
 $BIN/python scripts/shapes_world.py judge demo/samples.png --n 4 || true
 
 step "8/8 summary"

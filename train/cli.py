@@ -52,7 +52,7 @@ def sample_cmd(
     prompt: list[str] = typer.Option(..., "--prompt", help="A prompt; repeat for several (one grid row each)."),
     out: Path = typer.Option(..., "--out", help="Output PNG grid."),
     steps: int = typer.Option(48, "--steps", help="MaskGIT decoding steps."),
-    cfg: float = typer.Option(9.0, "--cfg", help="Classifier-free guidance scale."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (default: the run's stage's sample.cfg, 3 for debug; 9 for the Meissonic stages and releases)."),
     seed: int = typer.Option(0, "--seed", help="Sampling noise seed."),
     n: int = typer.Option(4, "--n", help="Images per prompt."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (default: the empty prompt)."),

@@ -176,12 +176,18 @@ def with_sampling_defaults(meta: dict) -> dict:
             "sample_micro_conds": square_micro_conds(meta["resolution"]), **meta}
 
 
-def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps: int = 48, cfg: float = 9.0,
+DEFAULT_CFG = 9.0  # Meissonic's guidance scale: releases and runs that recorded none
+
+
+def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps: int = 48, cfg: float | None = None,
                    seed: int = 0, n: int = 4, negative_prompt: str = "", vq_path: str | None = None,
                    decode: str = "vq", ema: bool = False, device: str | None = None) -> Path:
-    """`train sample`: n images per prompt from a checkpoint, decoded and saved as one grid PNG."""
+    """`train sample`: n images per prompt from a checkpoint, decoded and saved as one grid PNG.
+    cfg None: the guidance scale the run's stage samples with (`sample.cfg`, recorded in the
+    checkpoint: 3 for the tiny debug model, 9 for the Meissonic stages), else 9."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, encoder, meta = load_for_sampling(ckpt, ema=ema, device=device)
+    cfg = float(meta.get("sample_cfg", DEFAULT_CFG)) if cfg is None else cfg
     vq = None
     if decode == "vq":  # load first: a missing VQ should fail before minutes of sampling
         from core.vq import load_vq

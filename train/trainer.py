@@ -354,6 +354,7 @@ class Trainer:
             "resolution": self.manifest.resolution, "data": self.cfg.data.path, "config_hash": self.config_hash,
             "convention": self.convention.name, "precision": self._precision(),
             "sample_micro_conds": self.sample_micro,
+            "sample_cfg": self.cfg.sample.cfg,  # `train sample`'s guidance scale unless --cfg is given
         }
 
     def _precision(self) -> str:

@@ -67,6 +67,19 @@ def test_sample_codes_and_vq(trained, tmp_path):
     assert np.asarray(Image.open(out)).shape == (32, 32, 3)  # 2x2 cells of 16x16 px
 
 
+def test_sample_guidance_defaults_to_the_runs_stage(trained, tmp_path, monkeypatch):
+    import train.sampler as S
+
+    seen = []
+    real = S.generate
+    monkeypatch.setattr(S, "generate", lambda *a, **k: seen.append(k["cfg"]) or real(*a, **k))
+    args = ["sample", "--checkpoint", str(trained), "--prompt", "a cat", "--n", "1", "--steps", "2",
+            "--decode", "codes", "--out", str(tmp_path / "g.png")]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, args + ["--cfg", "5"]).exit_code == 0
+    assert seen == [3.0, 5.0]  # the debug stage's sample.cfg (pipelines.yaml), then the flag
+
+
 def test_resume_refuses_another_config(trained, code_folder):
     result = _run(code_folder, trained, "--set", "seed=5")
     assert result.exit_code == 2 and "different config" in result.output
