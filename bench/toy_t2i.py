@@ -15,7 +15,7 @@ The images are written as download-style shards directly (`demo_web.write_shards
 runs the same world through `curate run --pipeline demo-shapes` (HTTP, img2dataset); here the
 interest is the learning. CPU seconds are the children's user+sys time (getrusage).
 
-    .venv/bin/python bench/toy_t2i.py [--train-steps 4000] [--vq-steps N] [--seeds 4] \
+    .venv/bin/python bench/toy_t2i.py [--train-steps 6000] [--vq-steps N] [--seeds 4] \
         [--work bench/_work/toy_t2i] [--figures bench/figures]
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def sample_and_judge(work: Path, name: str, prompts: list[str], seeds: int) -> t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-steps", type=int, default=4000, help="train run debug --steps")
+    ap.add_argument("--train-steps", type=int, default=6000, help="train run debug --steps")
     ap.add_argument("--vq-steps", type=int, default=None, help="fit-vq --steps (default: fit-vq's default)")
     ap.add_argument("--per-combo", type=int, default=30, help="training images per combination")
     ap.add_argument("--holdout", type=int, default=6, help="combinations held out")

@@ -142,6 +142,11 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
+def has_ema(ckpt: Path) -> bool:
+    """Whether a checkpoint folder holds EMA weights (the run had EMA on)."""
+    return (ckpt / "ema.safetensors").is_file()
+
+
 def load_weights(ckpt: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Model (or EMA) weights of a checkpoint folder, on the CPU."""
     name = "ema.safetensors" if ema else "model.safetensors"

@@ -58,7 +58,7 @@ def sample_cmd(
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (default: the empty prompt)."),
     vq: Optional[str] = typer.Option(None, "--vq", help="VQ folder (default: the tokenizer recorded with the training data)."),
     decode: str = typer.Option("vq", "--decode", help="vq: decode to pixels; codes: false-colour code maps (no VQ needed)."),
-    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of the checkpoint."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Sample with the checkpoint's EMA weights, or its raw weights (default: the EMA weights when the run kept them)."),
 ) -> None:
     """Generate images for prompts from a trained checkpoint and save them as one grid."""
     from train.sampler import sample_to_file

@@ -145,10 +145,13 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     return path
 
 
-def load_for_sampling(ckpt: str | Path, ema: bool = False, device: str | torch.device = "cpu"):
+def load_for_sampling(ckpt: str | Path, ema: bool | None = None, device: str | torch.device = "cpu"):
     """(model, text encoder, meta) rebuilt from a checkpoint folder, a run folder's latest, or a
     Meissonic release folder (`train/release.py`), each with its own sampling conventions: meta's
-    `convention`, `precision` and `sample_micro_conds`, the encoder configured to match."""
+    `convention`, `precision` and `sample_micro_conds`, the encoder configured to match.
+    ema: the checkpoint's EMA weights (True), its raw weights (False), or None: the EMA weights
+    when the run kept them (what a run with EMA on keeps them for), else the raw ones; meta's
+    `weights` says which were loaded."""
     import dataclasses
 
     from train import checkpoint, release
@@ -162,10 +165,12 @@ def load_for_sampling(ckpt: str | Path, ema: bool = False, device: str | torch.d
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items() if k in fields}
     model = build_model(ModelConfig(**model_args))
+    ema = checkpoint.has_ema(folder) if ema is None else ema
     model.load_state_dict(checkpoint.load_weights(folder, ema=ema), strict=True)
     encoder = TextEncoder.from_config(TextConfig(**meta["text"]))
     encoder.configure(CONVENTIONS[meta["convention"]].pad_token_id, PRECISION_DTYPES[meta["precision"]])
-    return model.to(device).eval(), encoder.to(device), dict(meta, checkpoint=str(folder))
+    return model.to(device).eval(), encoder.to(device), dict(meta, checkpoint=str(folder),
+                                                             weights="ema" if ema else "raw")
 
 
 def with_sampling_defaults(meta: dict) -> dict:
@@ -181,7 +186,7 @@ DEFAULT_CFG = 9.0  # Meissonic's guidance scale: releases and runs that recorded
 
 def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps: int = 48, cfg: float | None = None,
                    seed: int = 0, n: int = 4, negative_prompt: str = "", vq_path: str | None = None,
-                   decode: str = "vq", ema: bool = False, device: str | None = None) -> Path:
+                   decode: str = "vq", ema: bool | None = None, device: str | None = None) -> Path:
     """`train sample`: n images per prompt from a checkpoint, decoded and saved as one grid PNG.
     cfg None: the guidance scale the run's stage samples with (`sample.cfg`, recorded in the
     checkpoint: 3 for the tiny debug model, 9 for the Meissonic stages), else 9."""

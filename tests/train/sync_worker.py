@@ -67,7 +67,8 @@ def run_trainer(codes: str, out: Path, mode: str, d: distributed.Dist) -> dict:
     fsdp, compiled = mode.startswith("fsdp"), mode.endswith("compiled")
     sets = ["threads=1", "tensorboard=false", "sample.every=0", f"steps={STEPS}", "log_every=1",
             f"ckpt_every={STEPS}", f"batch_size={2 * ACCUM}", "micro_batch_size=1", f"data.path={codes}",
-            f"fsdp={str(fsdp).lower()}", f"compile={str(compiled).lower()}", "compile_backend=aot_eager"]
+            f"fsdp={str(fsdp).lower()}", f"compile={str(compiled).lower()}", "compile_backend=aot_eager",
+            "ema.enabled=false"]  # FSDP refuses EMA (the debug stage keeps one)
     trainer = Trainer(load_stage("debug", REPO_PIPELINES, parse_sets(sets)), "debug", out / mode, d)
     assert trainer.accum == ACCUM
     if fsdp:

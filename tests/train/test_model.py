@@ -120,7 +120,7 @@ def test_with_codebook_keeps_spare_ids():
     assert (big.codebook_size, big.vocab_size) == (16384, 16448)
 
 
-@pytest.mark.parametrize("change, msg", [({"hidden": 96}, "heads \\* head_dim"),
+@pytest.mark.parametrize("change, msg", [({"hidden": 80}, "heads \\* head_dim"),
                                          ({"vocab_size": 64}, "mask id"),
                                          ({"rope_axes": (8, 12, 10)}, "rope_axes"),
                                          ({"dual_blocks": 0, "single_blocks": 0}, "at least one block"),

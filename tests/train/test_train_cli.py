@@ -134,3 +134,20 @@ def test_plan_measured_turns_step_times_into_gpu_days(tmp_path):
     path.write_text(json.dumps(bad))
     result = runner.invoke(app, ["plan", "stage2", "--measured", str(path), "--config", str(REPO_PIPELINES)])
     assert result.exit_code == 2 and "measured at 256 px" in result.output
+
+
+def test_sample_uses_ema_weights_when_the_run_kept_them(trained, tmp_path, code_folder):
+    from train.sampler import load_for_sampling
+
+    ema_model, _, meta = load_for_sampling(trained)  # the debug stage keeps EMA weights (pipelines.yaml)
+    raw_model, _, raw_meta = load_for_sampling(trained, ema=False)
+    assert (meta["weights"], raw_meta["weights"]) == ("ema", "raw")
+    assert any(not torch.equal(a, b) for a, b in zip(ema_model.parameters(), raw_model.parameters()))
+    # A run without EMA samples with its raw weights; asking for EMA weights it lacks is a user error.
+    assert _run(code_folder, tmp_path / "plain", "--set", "ema.enabled=false").exit_code == 0
+    assert load_for_sampling(tmp_path / "plain")[2]["weights"] == "raw"
+    args = ["sample", "--checkpoint", str(tmp_path / "plain"), "--prompt", "a cat", "--n", "1", "--steps", "2",
+            "--decode", "codes", "--out", str(tmp_path / "g.png")]
+    assert runner.invoke(app, args + ["--no-ema"]).exit_code == 0
+    result = runner.invoke(app, args + ["--ema"])
+    assert result.exit_code == 2 and "no ema.safetensors" in result.output
