@@ -26,7 +26,7 @@ $BIN/pretokenize --res 64 --input demo/shapes-out/download --output demo/codes -
 $BIN/pretokenize check --input demo/codes --n 8
 
 step "6/8 train the debug model on the codes (resumable: rerun the same command to continue)"
-$BIN/train run debug --data demo/codes --run-dir demo/train --steps 2000
+$BIN/train run debug --data demo/codes --run-dir demo/train --steps 3000
 
 step "7/8 sample the held-out prompts (never in training) and judge the pictures by their pixels"
 mapfile -t HELD < <($BIN/python scripts/shapes_world.py held-out)
