@@ -37,7 +37,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
         _JOINED.append(address)
         return address
     _quiet_token_notice()
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
+    # Ray's driver-side INFO lines ("Started a local Ray instance.") say nothing the command does not
+    # say itself; warnings and errors still show. RAY_LOGGING_LEVEL, when a user sets it, wins.
+    quiet = {} if "RAY_LOGGING_LEVEL" in os.environ else {"logging_level": logging.WARNING}
+    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True, **quiet)
     atexit.register(shutdown_local)  # runs before Ray's own exit hook (atexit is last-in, first-out)
     return "local"
 

@@ -1,4 +1,4 @@
-"""core.ray_util: a local Ray started by init_ray starts quietly and stops completely through
+"""core.ray_util: a local Ray started by init_ray starts quietly (no token notice, no INFO line) and stops completely through
 shutdown_local."""
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def test_shutdown_local_stops_every_node_process():
     assert "monitor" in pids and "raylet" in pids  # the processes the fast path deals with exist
     # A local Ray keeps token authentication without printing Ray's notice about it every start.
     assert "Token authentication" not in out.stderr
+    # Nor Ray's INFO line about starting (the command's own output says what it does).
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
     deadline = time.time() + 10
     alive = [p for ps in pids.values() for p in ps if psutil.pid_exists(p)]
     while alive and time.time() < deadline:
