@@ -1,5 +1,5 @@
-"""core.ray_util: a local Ray started by init_ray starts quietly (no token notice, no INFO line) and stops completely through
-shutdown_local."""
+"""core.ray_util: a local Ray started by init_ray starts quietly (no token notice, no INFO
+line) and stops completely through shutdown_local."""
 from __future__ import annotations
 
 import json
