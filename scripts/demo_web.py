@@ -3,8 +3,9 @@
 No network is reachable on the machines this demo must run on, so the image half of
 `make demo` downloads from a local HTTP server instead of the internet. This script:
   1. makes a small image corpus from the photos that ship with scikit-image (random crops,
-     flips and colour shifts of each), plus planted exact and near duplicates, a dead link
-     and a corrupt file, so every curate step has real work;
+     flips and colour shifts of each), plus planted exact and near duplicates, a dead link,
+     a corrupt file, and extra rows whose scores fail the filter (a low aesthetic or a likely
+     watermark), so every curate step has real work (`--world shapes`: the same extra rows);
   2. writes `OUT/meta/part-00000.parquet` with LAION's columns (URL, TEXT, WIDTH, HEIGHT,
      similarity, hash, punsafe, pwatermark, aesthetic) and URLs on 127.0.0.1;
   3. serves `OUT/www` on 127.0.0.1 and runs the command given after `--` while serving.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import itertools
 import subprocess
 import sys
 import threading
@@ -111,21 +113,52 @@ def shape_items(n: int, seed: int):
     return training_items(per_combo=n, seed=seed)
 
 
-# --world: what the server holds. --n is distinct photos, or images per shape combination.
-WORLDS = {"photos": photo_items, "shapes": shape_items}
+def photo_rejects(n: int, seed: int):
+    """Extra photo variants (n // 8 of them) whose metadata scores fail the filter: the filter
+    has real rows to drop, and the score histograms straddle their thresholds."""
+    rng = np.random.default_rng(seed + 1000)  # its own stream: the kept corpus does not change
+    photos = load_photos()
+    names = list(PHOTOS)
+    for i in range(n // 8):
+        name = names[int(rng.integers(len(names)))]
+        img, extra = variant(photos[name], rng)
+        yield f"reject{i:05d}.jpg", jpeg(img), f"{STYLES[i % len(STYLES)]} {PHOTOS[name]}, {extra}", img.size
 
 
-def build_corpus(out: Path, items, port: int, seed: int) -> int:
+def shape_rejects(n: int, seed: int):
+    """Extra shapes-world pictures (one per 8 training pictures, of combinations that are not
+    held out) whose metadata scores fail the filter; the training set stays as it is."""
+    from shapes_world import SIZE, all_combos, held_out, png, random_image
+
+    rng = np.random.default_rng(seed + 1000)
+    combos = [c for c in all_combos() if c not in set(held_out(seed=seed))]
+    for i in range(len(combos) * n // 8):
+        c = combos[int(rng.integers(len(combos)))]
+        yield f"reject{i:05d}.png", png(random_image(c, rng)), c.caption, (SIZE, SIZE)
+
+
+# --world: what the server holds (items, and rejects: extra rows whose scores fail the filter).
+# --n is distinct photos, or images per shape combination.
+WORLDS = {"photos": (photo_items, photo_rejects), "shapes": (shape_items, shape_rejects)}
+# The demo pipelines' filter thresholds (aesthetic >= 4.5, pwatermark <= 0.5): rejects alternate
+# between a low aesthetic and a likely watermark, everything else passes both.
+REJECT_SCORES = ({"aesthetic": (3.0, 4.5)}, {"pwatermark": (0.55, 0.95)})
+
+
+def build_corpus(out: Path, items, port: int, seed: int, rejects=()) -> int:
     """Write OUT/www/<files> and OUT/meta/part-00000.parquet (URLs on 127.0.0.1:port) from
-    (file name, bytes or None, caption, (w, h)) items; returns the number of rows."""
+    (file name, bytes or None, caption, (w, h)) items, then the rejects (scores that fail the
+    filter); returns the number of rows."""
     www = out / "www"
     www.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for fname, data, text, size in items:
+    tagged = itertools.chain(((item, None) for item in items),
+                             ((item, REJECT_SCORES[i % 2]) for i, item in enumerate(rejects)))
+    for (fname, data, text, size), fail in tagged:
         if data is not None:
             (www / fname).write_bytes(data)
         url = f"http://127.0.0.1:{port}/{fname}"
-        rows.append(dict(URL=url, TEXT=text, WIDTH=float(size[0]), HEIGHT=float(size[1])))
+        rows.append(dict(URL=url, TEXT=text, WIDTH=float(size[0]), HEIGHT=float(size[1]), fail=fail))
     write_metadata(out / "meta" / "part-00000.parquet", rows, np.random.default_rng(seed))
     return len(rows)
 
@@ -174,12 +207,21 @@ def write_metadata(path: Path, rows: list[dict], rng: np.random.Generator) -> No
             "similarity": rng.uniform(0.25, 0.40, n),
             "hash": laion.hash64(pa.array([r["URL"] for r in rows]), pa.array([r["TEXT"] for r in rows])),
             "punsafe": rng.uniform(0.0, 0.1, n).astype(np.float32),
-            "pwatermark": rng.uniform(0.0, 0.3, n).astype(np.float32),
-            "aesthetic": rng.uniform(4.6, 7.0, n).astype(np.float32),
+            "pwatermark": _scores(rows, "pwatermark", (0.0, 0.3), rng),
+            "aesthetic": _scores(rows, "aesthetic", (4.6, 7.0), rng),
         }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
+
+
+def _scores(rows: list[dict], column: str, passing: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """float32 scores, uniform in `passing` but for rows whose `fail` range names this column."""
+    values = rng.uniform(*passing, len(rows))
+    for i, r in enumerate(rows):
+        if r.get("fail") and column in r["fail"]:
+            values[i] = rng.uniform(*r["fail"][column])
+    return values.astype(np.float32)
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -202,8 +244,8 @@ def main() -> int:
     (args.out / "www").mkdir(parents=True, exist_ok=True)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    items = WORLDS[args.world](args.n, args.seed)
-    n = build_corpus(args.out, items, server.server_address[1], args.seed)
+    items, rejects = (make(args.n, args.seed) for make in WORLDS[args.world])
+    n = build_corpus(args.out, items, server.server_address[1], args.seed, rejects)
     print(f"demo web: {n} URLs served from {args.out / 'www'} on 127.0.0.1:{server.server_address[1]}")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

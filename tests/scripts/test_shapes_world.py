@@ -80,6 +80,21 @@ def test_served_world_has_laion_metadata(tmp_path):
     assert W.judge(decode(first.read_bytes()), W.parse_caption(table["TEXT"][0])).right
 
 
+def test_rejects_are_exactly_the_rows_the_demo_filter_drops(tmp_path):
+    """The served world's extra rows fail the demo pipelines' thresholds (aesthetic >= 4.5,
+    pwatermark <= 0.5), half by each; every training picture passes both, none is held out."""
+    import demo_web
+
+    rejects = list(demo_web.shape_rejects(8, 0))  # one per 8 training pictures: 84 of 672
+    assert len(rejects) == 84 and not {W.parse_caption(r[2]) for r in rejects} & set(W.held_out())
+    n = demo_web.build_corpus(tmp_path, demo_web.shape_items(8, 0), port=8123, seed=0, rejects=rejects)
+    t = pq.read_table(tmp_path / "meta" / "part-00000.parquet").to_pandas()
+    assert n == len(t) == 672 + 84 and t["hash"].is_unique
+    low, marked = t["aesthetic"] < 4.5, t["pwatermark"] > 0.5
+    assert low.sum() == marked.sum() == 42 and not (low & marked).any()
+    assert ((low | marked) == t["URL"].str.contains("/reject")).all()
+
+
 def test_write_shards_reads_back_as_download_output(tmp_path):
     import demo_web
     from core.imageshard import iter_shard, list_shards
