@@ -258,14 +258,9 @@ def open_stream(p: "str | os.PathLike | RemotePath") -> Iterator:  # yields a bi
 
 
 def read_at(p: "str | os.PathLike | RemotePath", offset: int, length: int) -> bytes:
-    """Up to `length` bytes of a file from byte `offset` (one ranged request on an object store)."""
-    p = path(p)
-    if isinstance(p, RemotePath):
-        with p.fs.open_input_file(p.key) as f:
-            return bytes(f.read_at(length, offset)) if offset < f.size() else b""
-    with open(p, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+    """Up to `length` bytes of a file from byte `offset` (fewer at its end; one ranged request
+    on an object store). `read_range` is the same read when exactly `length` bytes must be there."""
+    return read_range(path(p), offset, length, exact=False)
 
 
 def attempt_path(p: AnyPath, attempt: str) -> AnyPath:
@@ -411,11 +406,12 @@ def move(src: AnyPath, dest: AnyPath) -> None:
     os.replace(src, dest)
 
 
-def read_range(p: AnyPath, offset: int, length: int) -> "pa.Buffer":
-    """`length` bytes of a file from byte `offset` (one ranged GET on an object store)."""
+def read_range(p: AnyPath, offset: int, length: int, exact: bool = True) -> bytes:
+    """`length` bytes of a file from byte `offset` (one ranged GET on an object store);
+    exact=False allows fewer at the file's end (none past it)."""
     fs, key = arrow_fs(p)
     with fs.open_input_file(key) as f:
-        data = f.read_at(length, offset)
-    if len(data) != length:
+        data = f.read_at(length, offset) if offset < f.size() else b""
+    if exact and len(data) != length:
         raise OSError(f"{p}: expected {length} bytes at offset {offset}, read {len(data)} (file truncated?)")
     return data

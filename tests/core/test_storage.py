@@ -47,6 +47,17 @@ def test_atomic_writes_reads_listing_and_removal(where, tmp_path, request) -> No
     assert not (root / "part-00000.parquet").exists()
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_ranged_reads_exact_or_up_to_the_end(where, tmp_path, request) -> None:
+    root = storage.path(tmp_path) if where == "local" else storage.path(request.getfixturevalue("s3"))
+    atomic.write_bytes(root / "blob", bytes(range(10)))
+    assert storage.read_at(root / "blob", 2, 3) == b"\x02\x03\x04"
+    assert storage.read_at(root / "blob", 8, 5) == b"\x08\x09" and storage.read_at(root / "blob", 12, 4) == b""
+    assert storage.read_range(root / "blob", 7, 3) == b"\x07\x08\x09"
+    with pytest.raises(OSError, match="expected 5 bytes at offset 8, read 2"):
+        storage.read_range(root / "blob", 8, 5)
+
+
 def test_a_failed_write_leaves_nothing_on_s3(s3) -> None:
     target = storage.path(s3) / "half.bin"
     with pytest.raises(RuntimeError):
