@@ -131,7 +131,8 @@ def shape_rejects(n: int, seed: int):
     from shapes_world import SIZE, all_combos, held_out, png, random_image
 
     rng = np.random.default_rng(seed + 1000)
-    combos = [c for c in all_combos() if c not in set(held_out(seed=seed))]
+    skip = set(held_out(seed=seed))
+    combos = [c for c in all_combos() if c not in skip]
     for i in range(len(combos) * n // 8):
         c = combos[int(rng.integers(len(combos)))]
         yield f"reject{i:05d}.png", png(random_image(c, rng)), c.caption, (SIZE, SIZE)
