@@ -1,10 +1,13 @@
-"""A folder shaped like the released Meissonic weights (the transformer's real 867 names and shapes,
-random bf16 values; a small HF-format CLIP text encoder; the tokenizer's pad token) loads through
-`train.release` and samples with the release's conventions: step-index timesteps, <|endoftext|>
-padding, upstream's micro-conditions."""
+"""A folder shaped like the released Meissonic weights loads through `train.release` and samples
+with the release's conventions: step-index timesteps, <|endoftext|> padding, upstream's
+micro-conditions. Its config is the release's with 2 + 2 blocks instead of 14 + 28 (every name and
+width of those blocks as released, random bf16 values; 0.3 GB instead of 2 GB on disk: a CI
+machine once ran out of disk writing the full one); the full config is checked on the meta device.
+A small HF-format CLIP text encoder and the tokenizer's pad token complete the folder."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from safetensors.torch import save_file
 
 from train import release
 from train.convention import CONVENTIONS, EOT_TOKEN_ID
+from train.model import build_model
 from train.sampler import generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,6 +29,8 @@ TRANSFORMER_CONFIG = {"_class_name": "Transformer2DModel", "patch_size": 1, "in_
                       "axes_dims_rope": [16, 56, 56], "vocab_size": 8256, "codebook_size": 8192,
                       "downsample": True, "upsample": True}
 # A small CLIPTextConfig of the width the transformer needs (the real one has 24 layers, MLP 4096).
+# Real widths, fewer blocks: the folder's transformer is 144M parameters (all 14 + 28 blocks: 1.0B).
+SMALL_DEPTH = {"num_layers": 2, "num_single_layers": 2}
 TEXT_CONFIG = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16, "intermediate_size": 1024,
                "projection_dim": 1024, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"}
 
@@ -32,6 +38,19 @@ TEXT_CONFIG = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads
 def released_shapes() -> dict[str, tuple[int, ...]]:
     rows = [line.split("\t") for line in TSV.read_text().splitlines()[1:] if line]
     return {name: tuple(int(d) for d in shape.split("x")) for name, shape in rows}
+
+
+def shallow_released_shapes() -> dict[str, tuple[int, ...]]:
+    """The released names and shapes, less the blocks past SMALL_DEPTH's counts."""
+    limits = {"transformer_blocks": SMALL_DEPTH["num_layers"],
+              "single_transformer_blocks": SMALL_DEPTH["num_single_layers"]}
+    out = {}
+    for name, shape in released_shapes().items():
+        group, _, rest = name.partition(".")
+        if group in limits and int(rest.split(".")[0]) >= limits[group]:
+            continue
+        out[name] = shape
+    return out
 
 
 def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
@@ -71,26 +90,36 @@ def release_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("meissonic")
     for sub in ("transformer", "text_encoder", "tokenizer"):
         (folder / sub).mkdir()
-    (folder / "transformer" / "config.json").write_text(json.dumps(TRANSFORMER_CONFIG))
-    save_file(random_tensors(released_shapes(), seed=0), str(folder / "transformer" / release.WEIGHTS))
+    (folder / "transformer" / "config.json").write_text(json.dumps(TRANSFORMER_CONFIG | SMALL_DEPTH))
+    save_file(random_tensors(shallow_released_shapes(), seed=0), str(folder / "transformer" / release.WEIGHTS))
     (folder / "text_encoder" / "config.json").write_text(json.dumps(TEXT_CONFIG))
     save_file(random_tensors(hf_text_shapes(TEXT_CONFIG), seed=1), str(folder / "text_encoder" / "model.safetensors"))
     (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
          "unk_token": "<|endoftext|>"}))
-    return folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)  # 0.4 GB: not kept until the session ends
+
+
+def test_release_config_is_the_1b_model_with_the_released_names_and_shapes():
+    cfg = release.model_config(TRANSFORMER_CONFIG)
+    assert cfg.downsample and cfg.dual_blocks == 14 and cfg.single_blocks == 28
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == released_shapes()
+    assert sum(p.numel() for p in model.parameters()) == 1_006_946_304
 
 
 def test_release_loads_and_samples_with_its_own_conventions(release_folder):
     start = time.perf_counter()
     model, text, meta = release.load_release(release_folder, dtype=torch.bfloat16)
-    assert model.cfg.downsample and model.cfg.dual_blocks == 14 and model.cfg.single_blocks == 28
-    assert sum(p.numel() for p in model.parameters()) == 1_006_946_304
+    assert model.cfg.downsample and model.cfg.dual_blocks == 2 and model.cfg.single_blocks == 2
+    assert sum(p.numel() for p in model.parameters()) == 144_342_528
     assert (meta["convention"], meta["grid"], meta["sample_micro_conds"]) == ("meissonic", [64, 64],
                                                                              [1024.0, 1024.0, 0.0, 0.0, 6.0])
     assert text.pad_token_id == EOT_TOKEN_ID and text.autocast is None  # fp32 text, as upstream samples
-    stored = release.transformer_weights(release_folder)["single_transformer_blocks.27.proj_out.weight"]
-    assert torch.equal(model.single_transformer_blocks[27].proj_out.weight, stored)
+    stored = release.transformer_weights(release_folder)["single_transformer_blocks.1.proj_out.weight"]
+    assert torch.equal(model.single_transformer_blocks[1].proj_out.weight, stored)
 
     seen_t, seen_tokens = [], []
     model.time_text_embed.register_forward_pre_hook(lambda _m, args: seen_t.append(args[0].clone()))
@@ -134,7 +163,7 @@ def test_fine_tuning_a_release_uses_its_convention(tmp_path, make_code_folder):
 
     from core.config import REPO_PIPELINES, ConfigError, parse_sets
     from train import checkpoint
-    from train.model import MODELS, build_model
+    from train.model import MODELS
     from train.stages import load_stage
     from train.trainer import run
 
