@@ -28,9 +28,9 @@ TRANSFORMER_CONFIG = {"_class_name": "Transformer2DModel", "patch_size": 1, "in_
                       "joint_attention_dim": 1024, "pooled_projection_dim": 1024, "guidance_embeds": False,
                       "axes_dims_rope": [16, 56, 56], "vocab_size": 8256, "codebook_size": 8192,
                       "downsample": True, "upsample": True}
-# A small CLIPTextConfig of the width the transformer needs (the real one has 24 layers, MLP 4096).
 # Real widths, fewer blocks: the folder's transformer is 144M parameters (all 14 + 28 blocks: 1.0B).
 SMALL_DEPTH = {"num_layers": 2, "num_single_layers": 2}
+# A small CLIPTextConfig of the width the transformer needs (the real one has 24 layers, MLP 4096).
 TEXT_CONFIG = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16, "intermediate_size": 1024,
                "projection_dim": 1024, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"}
 
