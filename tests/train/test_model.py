@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,19 +10,10 @@ import train.model as model_mod
 from train.model import (MODELS, ModelConfig, build_model, compression_keys, count_params,
                          load_without_compression)
 from train.rope import apply_rope, rope_cos_sin, rope_ids
+from released import RELEASED_PARAMS, released_shapes  # tests/train/, on the path by conftest
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# Names and shapes of the released Meissonic transformer's 867 tensors (copied from shared/reference).
-TSV = Path(__file__).with_name("meissonic_transformer_state_dict.tsv")
-RELEASED_PARAMS = 1_006_946_304
-
-
-def released_shapes() -> dict[str, tuple[int, ...]]:
-    rows = [line.split("\t") for line in TSV.read_text().splitlines()[1:] if line]
-    return {name: tuple(int(d) for d in shape.split("x")) for name, shape in rows}
 
 
 def meta_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]:

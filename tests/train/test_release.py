@@ -19,9 +19,9 @@ from train import release
 from train.convention import CONVENTIONS, EOT_TOKEN_ID
 from train.model import build_model
 from train.sampler import generate
+from released import RELEASED_PARAMS, released_shapes  # tests/train/, on the path by conftest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TSV = Path(__file__).with_name("meissonic_transformer_state_dict.tsv")
 # Upstream's transformer/config.json keys (Transformer2DModel.__init__ in src/transformer.py).
 TRANSFORMER_CONFIG = {"_class_name": "Transformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 14,
                       "num_single_layers": 28, "attention_head_dim": 128, "num_attention_heads": 8,
@@ -33,11 +33,6 @@ SMALL_DEPTH = {"num_layers": 2, "num_single_layers": 2}
 # A small CLIPTextConfig of the width the transformer needs (the real one has 24 layers, MLP 4096).
 TEXT_CONFIG = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16, "intermediate_size": 1024,
                "projection_dim": 1024, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"}
-
-
-def released_shapes() -> dict[str, tuple[int, ...]]:
-    rows = [line.split("\t") for line in TSV.read_text().splitlines()[1:] if line]
-    return {name: tuple(int(d) for d in shape.split("x")) for name, shape in rows}
 
 
 def shallow_released_shapes() -> dict[str, tuple[int, ...]]:
@@ -107,7 +102,7 @@ def test_release_config_is_the_1b_model_with_the_released_names_and_shapes():
     with torch.device("meta"):
         model = build_model(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == released_shapes()
-    assert sum(p.numel() for p in model.parameters()) == 1_006_946_304
+    assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMS
 
 
 def test_release_loads_and_samples_with_its_own_conventions(release_folder):
