@@ -88,4 +88,4 @@ def test_text_padding_changes_states_after_the_eot_only_and_precision_is_one_for
     empty = bf16.empty()
     assert torch.allclose(empty[0][0], hb[1], atol=1e-2) and torch.allclose(empty[1][0], pb[1], atol=1e-2)
     assert not torch.allclose(empty[0][0], ours.empty()[0][0], atol=1e-4)  # bf16, not fp32
-    assert torch.allclose(ours.empty()[0][0], h0[1], atol=1e-6)
+    assert torch.allclose(ours.empty()[0][0], h0[1], rtol=1e-5, atol=1e-5)  # fp32, up to kernel rounding

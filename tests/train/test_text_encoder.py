@@ -88,8 +88,10 @@ def test_encode_is_frozen_prompt_dependent_and_empty_is_cached():
     assert not torch.allclose(hidden[0, 4:6], hidden[1, 4:6])
     empty_hidden, empty_pooled = enc.empty()
     assert empty_hidden.shape == (1, 77, 64) and empty_pooled.shape == (1, 64)
-    assert torch.allclose(empty_hidden[0], hidden[2], atol=1e-6) and torch.allclose(empty_pooled[0], pooled[2],
-                                                                                    atol=1e-6)
+    # Equal up to float32 rounding: a batch of 1 and a batch of 3 may take different matmul kernels
+    # (seen on an AVX2-only CPU: pooled values of magnitude ~2.5 apart by 1.6e-6).
+    assert torch.allclose(empty_hidden[0], hidden[2], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(empty_pooled[0], pooled[2], rtol=1e-5, atol=1e-5)
     assert enc.empty()[0] is empty_hidden
     with pytest.raises(ValueError, match="list of prompts"):
         enc.encode("a bare string")
