@@ -22,7 +22,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf demo runs
