@@ -74,3 +74,15 @@ def test_help_lists_commands_and_options():
     assert result.exit_code == 0
     for word in ("--res", "--keep-list", "--ray-address", "check", "fit-vq"):
         assert word in result.output
+
+
+def test_the_driver_imports_no_torch():
+    """The driver only reads the tokenizer's identity; torch (~2 s of import) loads in the actors
+    that encode. Checked in a fresh interpreter: this test process has torch loaded already."""
+    import subprocess
+    import sys
+
+    code = "import sys, pretokenize.cli, pretokenize.run; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
