@@ -37,7 +37,7 @@ for _k, _v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KE
 # `make test` runs the suite on 2 pytest-xdist workers, a whole file per worker at a time, in
 # collection order (--dist loadfile --no-loadscope-reorder). The longest files go first so the
 # short ones fill in around them; otherwise the fault-injection files, a few tests each but
-# ~half the suite's time, start last and run side by side at the end.
+# two thirds of the suite's time (1,274 of 1,910 test-seconds), start last and run side by side.
 EARLY = ("tests/faults/test_image_faults.py", "tests/faults/test_download_faults.py",
          "tests/faults/test_metadata_faults.py", "tests/faults/test_train_faults.py",
          "tests/train/test_trainer.py", "tests/train/test_grad_sync.py",
