@@ -34,6 +34,8 @@ def test_hash64_takes_chunked_and_sliced_arrays() -> None:
     assert laion.hash64(urls, texts).to_pylist() == _reference(["u1", "u2", "u3"], ["t1", "t2", "t3"])
     assert laion.row_hash("http://a/b.jpg", "cap") == mmh3.hash64(b"http://a/b.jpgcap")[0]
     assert laion.row_hash(None, None) == mmh3.hash64(b"")[0]
+    with pytest.raises(ValueError, match="3 URLs but 2 texts"):
+        laion.hash64(urls, texts.slice(1))
 
 
 def test_aliases_and_finite_scores() -> None:
