@@ -7,8 +7,9 @@
     ray_address(...)   the one rule for which Ray to use: --ray-address > RAY_ADDRESS >
                        pipelines.yaml `ray.address` > a local Ray started in-process.
     tidy_help(app)     --help texts as written: a docstring's hard-wrapped lines are joined
-                       into paragraphs, and `[default: x]` in an option's help is shown as is
-                       (rich would take it for markup and drop it).
+                       into paragraphs, `[default: x]` in an option's help is shown as is
+                       (rich would take it for markup and drop it), and a word too long for
+                       its column is folded onto the next line instead of cut with "…".
 """
 from __future__ import annotations
 
@@ -87,4 +88,33 @@ def tidy_help(app: typer.Typer) -> typer.Typer:
                 default.help = _escape(default.help)
     for group in app.registered_groups:
         tidy_help(group.typer_instance)
+    _fold_long_words()
     return app
+
+
+class _Folding:
+    """Wraps one of typer's text makers so that the Text it returns folds an over-long word."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from rich.text import Text
+
+        text = self.make(*args, **kwargs)
+        if isinstance(text, Text):
+            text.overflow = "fold"
+        return text
+
+
+def _fold_long_words() -> None:
+    """typer's options table gives each cell rich's default overflow, "ellipsis": on an
+    80-column terminal `curate score --help` showed `--no-clip-quick-g…`. A Text's own overflow
+    wins over its column's, so the option names and help texts typer makes are set to fold.
+    (typer 0.29.2's rich_utils; tests/core/test_cli.py checks every command at 80 columns.)"""
+    from typer import rich_utils
+
+    for name in ("highlighter", "negative_highlighter", "_make_rich_text"):
+        make = getattr(rich_utils, name)
+        if not isinstance(make, _Folding):
+            setattr(rich_utils, name, _Folding(make))

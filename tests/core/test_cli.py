@@ -57,3 +57,27 @@ def test_one_error_handler_and_one_address_rule(monkeypatch) -> None:
     assert cli.ray_address(None, doc) == "yaml:6379" and cli.ray_address(None, {}) is None
     monkeypatch.setenv("RAY_ADDRESS", "env:6379")
     assert cli.ray_address(None, doc) == "env:6379" and cli.ray_address("flag:6379", doc) == "flag:6379"
+
+
+def _command_paths(app: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for info in app.registered_commands:
+        paths.append((*prefix, info.name or info.callback.__name__.replace("_", "-")))
+    for group in app.registered_groups:
+        paths += _command_paths(group.typer_instance, (*prefix, group.name))
+    return paths
+
+
+@pytest.mark.parametrize("app_path", ["curate.cli", "pretokenize.cli", "train.cli"])
+def test_no_help_text_is_cut_on_an_80_column_terminal(app_path: str) -> None:
+    """A word too long for its column folds onto the next line; rich's default would cut it
+    with "…" (`curate score --help` showed `--no-clip-quick-g…`)."""
+    import importlib
+
+    app = importlib.import_module(app_path).app
+    paths = _command_paths(app)
+    assert len(paths) >= 3
+    for path in paths:
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "…" not in result.output, (path, [line for line in result.output.splitlines() if "…" in line])
