@@ -147,7 +147,12 @@ def compression(path: str | os.PathLike) -> str | None:
 
 
 def _read_tar(path: str | os.PathLike, report: ReadReport, max_member_bytes: int) -> Iterator[Sample]:
+    """Samples as runs of members with one key. A member of a kind the current sample already
+    has (a second image, caption or json: `a.png a.txt a.png`, or `c.jpg c.png`) starts another
+    sample with the same key, which `iter_shard` then records as a duplicate key: overwriting
+    the first would drop a picture without a trace."""
     current: Sample | None = None
+    kinds: set[str] = set()  # member kinds the current sample has: image, txt, json
     packed = compression(path)
     if packed:
         report.damaged = f"a {packed}-compressed tar is not accepted (webdataset shards are plain tars)"
@@ -161,11 +166,14 @@ def _read_tar(path: str | os.PathLike, report: ReadReport, max_member_bytes: int
                     continue
                 key, ext = _split(member.name)
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if current is not None and key != current.key:
+                kind = "image" if ext in IMAGE_EXTS else ext
+                if current is not None and (key != current.key or kind in kinds):
                     report.samples += 1
                     yield current
                     current = None
-                current = current or Sample(key)
+                if current is None:
+                    current, kinds = Sample(key), set()
+                kinds.add(kind)
                 _attach(current, ext, data, member.name, report)
             _check_end_marker(path, tar.offset)
     except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
@@ -188,6 +196,8 @@ def read_samples(path: str | os.PathLike, keys: set[str]) -> dict[str, Sample]:
     gigabytes. The same members as `iter_shard` are refused; a damaged tar gives what lies
     before the damage; keys the shard lacks are simply absent from the result."""
     found: dict[str, Sample] = {}
+    kinds: dict[str, set[str]] = {}  # member kinds each found sample has
+    closed: set[str] = set()  # keys whose first sample has ended: later members are another copy
     report = ReadReport(str(path))
     if compression(path):
         return found  # refused whole, as iter_shard refuses it
@@ -199,6 +209,12 @@ def read_samples(path: str | os.PathLike, keys: set[str]) -> dict[str, Sample]:
                     if len(found) == len(keys):
                         break  # a sample's members are adjacent: every wanted one is complete
                     continue
+                kind = "image" if ext in IMAGE_EXTS else ext
+                if kind in kinds.setdefault(key, set()):
+                    closed.add(key)  # as iter_shard: the first sample of a key is the one read
+                if key in closed:
+                    continue
+                kinds[key].add(kind)
                 if _refusal(member) is None and _too_big(member, MAX_MEMBER_BYTES) is None:
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
                     _attach(found.setdefault(key, Sample(key)), ext, data, member.name, report)
@@ -230,9 +246,14 @@ def _attach(sample: Sample, ext: str, data: bytes, name: str, report: ReadReport
         sample.caption = data.decode("utf-8", errors="replace")
     elif ext == "json":
         try:
-            sample.meta = json.loads(data)
+            meta = json.loads(data)
         except ValueError as exc:
             report.bad_members.append((name, f"invalid json: {exc}"))
+            return
+        if isinstance(meta, dict):
+            sample.meta = meta
+        else:  # e.g. [1, 2, 3]: the readers look keys up in it
+            report.bad_members.append((name, f"json is a {type(meta).__name__}, not an object"))
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> int:

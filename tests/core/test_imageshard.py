@@ -147,3 +147,27 @@ def test_a_step_folder_lists_the_shards_its_records_name(tmp_path):
     assert [p.name for p in list_shards(tmp_path)] == ["00001.tar"]  # unfinished: what the markers name
     atomic.write_json(tmp_path / "_stats.json", {"parts": ["00000.tar", "00001.tar"]})
     assert [p.name for p in list_shards(tmp_path)] == ["00000.tar", "00001.tar"]  # finished: its record
+
+
+def test_a_repeated_member_starts_another_copy_of_its_key(tmp_path):
+    """`a.png a.txt a.png a.txt`, or two images under one key: the second copy is recorded as a
+    duplicate key, not written over the first (a picture used to vanish without a trace)."""
+    raw_tar(tmp_path / "s.tar", [("a.png", b"red"), ("a.txt", b"red"), ("a.png", b"blue"), ("a.txt", b"blue"),
+                                 ("b.png", b"green"), ("b.png", b"black"), ("b.txt", b"b"),
+                                 ("c.jpg", b"j"), ("c.png", b"p"), ("d.jpg", b"d")])
+    report = ReadReport("x")
+    got = list(iter_shard(tmp_path / "s.tar", report))
+    assert [(s.key, s.image, s.caption) for s in got] == [("a", b"red", "red"), ("b", b"green", None),
+                                                         ("c", b"j", None), ("d", b"d", None)]
+    assert report.duplicates == ["a", "b", "c"] and report.samples == 7
+    assert [u[:2] for u in report.unread()] == [("a", "duplicate_key"), ("b", "duplicate_key"), ("c", "duplicate_key")]
+    wanted = read_samples(tmp_path / "s.tar", {"a", "b", "c"})  # the same first copies
+    assert {k: (s.image, s.caption) for k, s in wanted.items()} == {"a": (b"red", "red"), "b": (b"green", None),
+                                                                    "c": (b"j", None)}
+
+
+def test_a_json_member_that_is_not_an_object_is_recorded_and_ignored(tmp_path):
+    raw_tar(tmp_path / "x.tar", [("0.jpg", b"a"), ("0.json", b"[1, 2, 3]")])
+    report = ReadReport("x")
+    (s,) = list(iter_shard(tmp_path / "x.tar", report))
+    assert s.image == b"a" and s.meta == {} and report.bad_members == [("0.json", "json is a list, not an object")]
