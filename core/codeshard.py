@@ -305,6 +305,10 @@ class CodeDataset:
             path = self.folder / info.name
             if not path.is_file():
                 raise CodeShardError(f"{path}: listed in the manifest but missing")
+            size = path.stat().st_size  # free; catches a cut or rewritten shard before Arrow reads it
+            if size != info.bytes:
+                raise CodeShardError(f"{path}: {size} bytes, the manifest says {info.bytes}: the shard was cut "
+                                     f"short or rewritten; re-run pretokenize into a new folder")
             if verify_checksums and file_sha256(path) != info.sha256:
                 raise CodeShardError(f"{path}: checksum differs from the manifest")
             shard = CodeShard(path)
@@ -334,6 +338,12 @@ class CodeDataset:
         for s in np.unique(shard_of):
             sel = shard_of == s
             out[sel] = self.shards[s].codes[indices[sel] - self.offsets[s]]
+        k = self.manifest.codebook_size
+        if out.size and int(out.max()) >= k:  # one pass over a batch; else an IndexError deep in the model
+            bad = int(indices[(out >= k).any(axis=1)][0])
+            s, r = self.locate(bad)
+            raise CodeShardError(f"{self.shards[s].path}: row {r} holds code {int(out.max())}, outside the "
+                                 f"{k}-entry codebook the manifest names: the shard is damaged; re-run pretokenize")
         return out
 
     def row(self, index: int) -> dict[str, Any]:

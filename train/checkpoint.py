@@ -151,8 +151,17 @@ def load_weights(ckpt: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Model (or EMA) weights of a checkpoint folder, on the CPU."""
     name = "ema.safetensors" if ema else "model.safetensors"
     if not (ckpt / name).is_file():
-        raise CheckpointError(f"{ckpt}: no {name}" + (" (the run had EMA off)" if ema else ""))
-    return load_file(str(ckpt / name))
+        raise CheckpointError(f"{ckpt}: no {name}" + (" (the run had EMA off, or the file was removed)" if ema else ""))
+    try:
+        return load_file(str(ckpt / name))
+    except Exception as exc:  # safetensors' own error type for a cut or overwritten file
+        raise _damaged(ckpt / name, exc) from exc
+
+
+def _damaged(path: Path, exc: BaseException) -> CheckpointError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {first}); the checkpoint is damaged: "
+                           f"remove its folder to use the one before it")
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
@@ -164,7 +173,15 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{ckpt / 'state.pt'}: refused, it holds more than tensors and plain values "
                               f"(a pickled object could run code): {str(exc).splitlines()[0]}") from exc
+    except (EOFError, RuntimeError, OSError) as exc:  # cut short or overwritten (click reads EOFError as Abort)
+        raise _damaged(ckpt / "state.pt", exc) from exc
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "meta.json").read_text())
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except ValueError as exc:  # empty or half-written
+        raise _damaged(ckpt / "meta.json", exc) from exc
+    if not isinstance(meta, dict):
+        raise _damaged(ckpt / "meta.json", ValueError(f"a JSON {type(meta).__name__}, not an object"))
+    return meta

@@ -64,8 +64,14 @@ def sample_cmd(
     from train.sampler import sample_to_file
 
     with user_errors():
-        if decode not in ("vq", "codes") or steps < 1 or n < 1:
-            raise ConfigError("--decode must be vq or codes; --steps and --n must be >= 1")
+        if decode not in ("vq", "codes"):
+            raise ConfigError(f"--decode must be vq or codes, got {decode!r}")
+        if steps < 1 or n < 1:
+            raise ConfigError(f"--steps and --n must be >= 1, got --steps {steps} --n {n}")
+        if out.is_dir():  # checked before minutes of sampling, not at the final rename
+            raise ConfigError(f"{out}: is a folder; --out names the PNG file to write, e.g. {out / 'grid.png'}")
+        if out.suffix.lower() not in ("", ".png"):
+            raise ConfigError(f"{out}: the grid is written as PNG; name it *.png")
         path = sample_to_file(checkpoint, prompt, out, steps=steps, cfg=cfg, seed=seed, n=n,
                               negative_prompt=negative_prompt, vq_path=vq, decode=decode, ema=ema)
     console.print(f"wrote {path}")

@@ -99,3 +99,27 @@ def test_manifest_json_round_trip():
     m = CS.Manifest(resolution=256, grid=(16, 16), tokenizer=tok(), shards=[CS.ShardInfo("a.arrow", 2, 10, "x")])
     back = CS.Manifest.from_json(json.loads(json.dumps(m.to_json())))
     assert back == m and m.to_json()["num_rows"] == 2
+
+
+def test_a_cut_shard_and_codes_outside_the_codebook_are_named(folder):
+    """Without --set data.verify_checksums=true: a shard of another size is refused at open
+    (Arrow said only "Not an Arrow file"), a code >= the codebook size when its batch is read
+    (the model raised an IndexError)."""
+    path, _ = folder
+    table = CS.CodeShard(path / "00000.arrow").table
+    codes = np.array(table.column("codes").to_pylist(), dtype=np.uint16)
+    codes[1, 5] = 9000  # the manifest's codebook has 8192 entries
+    rewritten = CS.make_table(codes.reshape(len(codes), 4, 4), {n: table.column(n).to_pylist()
+                                                                  for n in table.column_names if n != "codes"})
+    info = CS.write_shard(path / "00000.arrow", rewritten)
+    manifest = CS.read_manifest(path)
+    manifest.shards[0] = info
+    CS.write_manifest(path, manifest)
+    ds = CS.CodeDataset(path)
+    assert ds.codes(np.array([0, 3])).shape == (2, 16)
+    with pytest.raises(CS.CodeShardError, match=r"00000.arrow: row 1 holds code 9000, outside the 8192-entry"):
+        ds.codes(np.array([4, 1]))
+    data = (path / "00001.arrow").read_bytes()
+    (path / "00001.arrow").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CS.CodeShardError, match=rf"00001.arrow: {len(data) // 2} bytes, the manifest says {len(data)}"):
+        CS.CodeDataset(path)

@@ -54,3 +54,21 @@ def test_metrics_survive_a_cut_last_line_and_truncate_on_resume(tmp_path):
     log.close()
     assert [(r["step"], r["loss"]) for r in read_records(tmp_path)] == [(1, 2.0), (2, 1.0)]
     assert log.plot().is_file()
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    """A cut or emptied file gives one CheckpointError naming it (was: a safetensors or JSON
+    traceback, or click's bare "Aborted." for the EOFError of an empty state.pt)."""
+    import pytest
+
+    last = _save(tmp_path, 7, ema={"a": torch.zeros(2)})
+    (last / "ema.safetensors").write_bytes((last / "ema.safetensors").read_bytes()[:20])
+    (last / "state.pt").write_bytes(b"")
+    (last / "meta.json").write_text('{"stage":')
+    for load, name in ((lambda: ckpt.load_weights(last, ema=True), "ema.safetensors"),
+                       (lambda: ckpt.load_state(last), "state.pt"), (lambda: ckpt.load_meta(last), "meta.json")):
+        with pytest.raises(ckpt.CheckpointError, match=rf"{name}: unreadable .*remove its folder"):
+            load()
+    (last / "ema.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no ema.safetensors .*or the file was removed"):
+        ckpt.load_weights(last, ema=True)

@@ -67,6 +67,17 @@ def test_sample_codes_and_vq(trained, tmp_path):
     assert np.asarray(Image.open(out)).shape == (32, 32, 3)  # 2x2 cells of 16x16 px
 
 
+def test_sample_refuses_an_out_it_cannot_write_before_sampling(trained, tmp_path):
+    args = ["sample", "--checkpoint", str(trained), "--prompt", "a cat", "--n", "1", "--steps", "2", "--decode", "codes"]
+    (tmp_path / "grids").mkdir()
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "grids")])
+    assert result.exit_code == 2 and "is a folder; --out names the PNG file" in result.output
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "g.jpg")])
+    assert result.exit_code == 2 and "written as PNG" in result.output and not (tmp_path / "g.jpg").exists()
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "g.png"), "--n", "0"])
+    assert result.exit_code == 2 and "--steps and --n must be >= 1, got --steps 2 --n 0" in result.output
+
+
 def test_sample_guidance_defaults_to_the_runs_stage(trained, tmp_path, monkeypatch):
     import train.sampler as S
 
