@@ -74,6 +74,8 @@ def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise
     except Image.DecompressionBombError as exc:  # over PIL's own limit (2x MAX_IMAGE_PIXELS)
         raise DecodeError(f"too many pixels (decompression bomb): {exc}") from exc
+    except Image.UnidentifiedImageError as exc:  # its text names a BytesIO's address: not the same twice
+        raise DecodeError("undecodable image: not an image format PIL can identify") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
 

@@ -177,6 +177,11 @@ class Trainer:
                 if cfg.sample.every and (self.step % cfg.sample.every == 0 or last):
                     self.sample_grid()
                 progress.update(bar, completed=self.step)
+        # A run killed after its last checkpoint but before its last grid: the rerun draws it.
+        if cfg.sample.every and self.step == cfg.steps:
+            missing = self.dist.is_main and not sample_path(self.run_dir, self.step).is_file()
+            if distributed.mean_over_ranks(float(missing), self.device) > 0:  # every rank samples, or none
+                self.sample_grid()
         self.metrics.plot()
         self.metrics.close()
         return {"step": self.step, "run_dir": str(self.run_dir), "checkpoint": str(checkpoint.latest(self.run_dir))}

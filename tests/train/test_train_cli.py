@@ -51,6 +51,16 @@ def test_run_writes_run_folder(trained):
     assert np.asarray(Image.open(trained / "samples" / "step_00000002.png")).shape == (32, 32, 3)
 
 
+def test_rerun_of_a_finished_run_draws_a_missing_last_grid(trained, tiny_vq, code_folder):
+    """Killed after the last checkpoint, before the last grid: the rerun finishes the grid."""
+    grid = trained / "samples" / "step_00000002.png"
+    grid.unlink()
+    result = _run(code_folder, trained, "--set", "sample.every=2", "--set", "sample.steps=3",
+                  "--set", "sample.decode=vq", "--set", f"sample.vq={tiny_vq}")
+    assert result.exit_code == 0, result.output
+    assert np.asarray(Image.open(grid)).shape == (32, 32, 3)
+
+
 def test_sample_codes_and_vq(trained, tmp_path):
     out = tmp_path / "grid.png"
     args = ["sample", "--checkpoint", str(trained), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
