@@ -165,7 +165,11 @@ def load_for_sampling(ckpt: str | Path, ema: bool | None = None, device: str | t
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items() if k in fields}
     model = build_model(ModelConfig(**model_args))
-    ema = checkpoint.has_ema(folder) if ema is None else ema
+    if ema is None:
+        ema = checkpoint.has_ema(folder)
+        if meta.get("ema") and not ema:  # recorded since EMA runs save it; older checkpoints cannot tell
+            raise checkpoint.CheckpointError(f"{folder}: the run kept EMA weights but ema.safetensors is missing; "
+                                             f"--no-ema samples the raw weights")
     model.load_state_dict(checkpoint.load_weights(folder, ema=ema), strict=True)
     encoder = TextEncoder.from_config(TextConfig(**meta["text"]))
     encoder.configure(CONVENTIONS[meta["convention"]].pad_token_id, PRECISION_DTYPES[meta["precision"]])

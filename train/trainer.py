@@ -360,6 +360,7 @@ class Trainer:
             "convention": self.convention.name, "precision": self._precision(),
             "sample_micro_conds": self.sample_micro,
             "sample_cfg": self.cfg.sample.cfg,  # `train sample`'s guidance scale unless --cfg is given
+            "ema": self.ema is not None,  # so `train sample` can tell a removed ema.safetensors from EMA off
         }
 
     def _precision(self) -> str:

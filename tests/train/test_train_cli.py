@@ -61,6 +61,17 @@ def test_rerun_of_a_finished_run_draws_a_missing_last_grid(trained, tiny_vq, cod
     assert np.asarray(Image.open(grid)).shape == (32, 32, 3)
 
 
+def test_sample_says_when_the_ema_weights_of_an_ema_run_are_gone(trained, tmp_path):
+    args = ["sample", "--checkpoint", str(trained), "--prompt", "a cat", "--n", "1", "--steps", "2",
+            "--decode", "codes", "--out", str(tmp_path / "g.png")]
+    last = trained / "checkpoints" / "step_00000002"
+    assert (last / "ema.safetensors").is_file()  # the debug stage keeps EMA weights
+    (last / "ema.safetensors").unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "the run kept EMA weights but ema.safetensors is missing" in result.output
+    assert runner.invoke(app, args + ["--no-ema"]).exit_code == 0
+
+
 def test_sample_codes_and_vq(trained, tmp_path):
     out = tmp_path / "grid.png"
     args = ["sample", "--checkpoint", str(trained), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
