@@ -96,10 +96,18 @@ def key_norm(meta: list[mio.InputFile], on: str, tables: list[mio.InputFile], ke
 def _values(cfg: JoinConfig, tables: list[mio.InputFile], con: Any) -> list[tuple[str, str]]:
     """The merged columns (name, common type): `columns`, or every table column but the key."""
     names = cfg.columns or [c for c in tables[0].columns if c.lower() != cfg.key.lower()]
+    # A table's AESTHETIC_SCORE is read as `aesthetic`, as on the metadata side (unified_columns).
+    names = [_renamed(n, tables[0]) for n in names]
     for f in tables:
         mio.require(f, [cfg.key, *names])
     types = dict((n.lower(), t) for n, t in mio.unified_columns(tables, con))
     return [(n, types[n.lower()]) for n in names]
+
+
+def _renamed(name: str, f: mio.InputFile) -> str:
+    if f.aesthetic and name.lower() == f.aesthetic.lower() and f.column("aesthetic") is None:
+        return "aesthetic"
+    return name
 
 
 def _clashes(cfg: JoinConfig, meta_columns: list[tuple[str, str]], values: list[tuple[str, str]],

@@ -104,3 +104,16 @@ def test_same_result_for_any_partition_count(ray_local, tmp_path):
 def test_config_validation(bad, match):
     with pytest.raises(ConfigError, match=match):
         build(join.JoinConfig, bad)
+
+
+@pytest.mark.parametrize("columns", [[], ["AESTHETIC_SCORE"]])
+def test_a_tables_aesthetic_score_column_merges_as_aesthetic(ray_local, tmp_path, columns):
+    """LAION-aesthetics tables spell the score AESTHETIC_SCORE; it was a KeyError unless
+    `--column aesthetic` was given."""
+    _meta(tmp_path)
+    schema = pa.schema([("hash", pa.int64()), ("AESTHETIC_SCORE", pa.float32())])
+    write(tmp_path / "t.parquet", [{"hash": 1, "AESTHETIC_SCORE": 6.5}, {"hash": 4, "AESTHETIC_SCORE": 4.0}], schema)
+    cfg = join.JoinConfig(table=str(tmp_path / "t.parquet"), columns=columns, on_clash="replace")
+    stats = join.run(cfg, str(tmp_path / "in"), str(tmp_path / "out"))
+    got = {r["URL"]: r["aesthetic"] for r in read_out(tmp_path / "out")}
+    assert got == {"u1": 6.5, "u2": 5.0, "u3": 5.0, "u4": 4.0, "u5": 5.0} and stats["matched"] == 2  # replace: where matched
