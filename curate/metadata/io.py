@@ -119,8 +119,10 @@ def _marker_infos(folder: AnyPath) -> list[dict[str, Any]]:
 
 
 def plain_type(t: pa.DataType) -> pa.DataType:
-    """A dictionary type as its values' type (what a reader gives back decoded); others as they are."""
-    return t.value_type if pa.types.is_dictionary(t) else t
+    """The type a reader gives back: a dictionary type as its values' type, float16 as float32
+    (duckdb reads a parquet Float16 column as FLOAT and has no Arrow half-float); others as they are."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.float32() if pa.types.is_float16(t) else t
 
 
 def inspect(path: AnyPath) -> InputFile:
@@ -163,13 +165,21 @@ def footer_ranges(meta: pq.FileMetaData, schema: pa.Schema) -> tuple[tuple[str, 
                 continue
             if st is None or not st.has_min_max:
                 break
-            lo.append(float(st.min))
-            hi.append(float(st.max))
+            lo.append(_stat_number(st.min))
+            hi.append(_stat_number(st.max))
         else:
             lo, hi = [x for x in lo if np.isfinite(x)], [x for x in hi if np.isfinite(x)]
             if lo and hi:
                 out.append((name, min(lo), max(hi)))
     return tuple(out)
+
+
+def _stat_number(value: Any) -> float:
+    """A min/max statistic as a float. pyarrow gives a float16 column's as its 2 raw bytes
+    (FIXED_LEN_BYTE_ARRAY, logical type Float16), little-endian."""
+    if isinstance(value, bytes) and len(value) == 2:
+        return float(np.frombuffer(value, "<f2")[0])
+    return float(value)
 
 
 def load_inputs(spec: str | os.PathLike, required: Iterable[str] = (), allow_incomplete: bool = False) -> list[InputFile]:

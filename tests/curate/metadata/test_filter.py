@@ -134,3 +134,24 @@ def test_blank_sql_equals_trimmed_empty():
     for s in samples:
         slow, fast = con.execute(f"SELECT {mio.trim_sql('$1')} = '', {mio.blank_sql('$1')}", [s]).fetchone()
         assert slow == fast, repr(s)
+
+
+def test_float16_scores_are_read_and_their_ranges_decoded(ray_local, tmp_path):
+    """pyarrow writes float16 with Float16 statistics as 2 raw bytes, and duckdb has no Arrow
+    half-float: both crashed every step before any row was read."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curate.metadata.io import inspect
+    from core import storage
+
+    from metadata_data import SCHEMA
+
+    half = pa.schema([f.with_type(pa.float16()) if f.name in ("aesthetic", "pwatermark") else f for f in SCHEMA])
+    rows = [row("u1", aesthetic=6.0), row("u2", aesthetic=4.0), row("u3", aesthetic=5.0, pwatermark=0.75)]
+    stats, out, ledger = _run(tmp_path, rows, schema=half)
+    assert [r["URL"] for r in out] == ["u1"] and stats["kept"] == 1
+    assert {r["reason"] for r in ledger if r["state"] == "filtered"} == {"aesthetic", "watermark"}
+    assert pq.read_schema(tmp_path / "in" / "a.parquet").field("aesthetic").type == pa.float16()
+    ranges = {name: (lo, hi) for name, lo, hi in inspect(storage.path(tmp_path / "in" / "a.parquet")).ranges}
+    assert ranges["aesthetic"] == (4.0, 6.0) and np.isclose(ranges["pwatermark"][1], 0.75)
