@@ -191,7 +191,18 @@ def load_inputs(spec: str | os.PathLike, required: Iterable[str] = (), allow_inc
         files = list(pool.map(inspect, paths))
     for f in files:
         require(f, required)
+        _check_hash_type(f)
     return files
+
+
+def _check_hash_type(f: InputFile) -> None:
+    """LAION's `hash` is a 64-bit integer: as a float, hashes above 2**53 collide and NaN would
+    be one key. pandas writes an int64 column with nulls as float64, so this is met in practice."""
+    t = f.type_of("hash")
+    if t is not None and pa.types.is_floating(t):
+        raise MetadataError(f"{f.path}: column {f.column('hash')!r} is {t}: a 64-bit hash does not fit a float "
+                            f"exactly (pandas writes an int64 column with nulls as float64); write it as int64 "
+                            f"(pandas: .astype('Int64'))")
 
 
 def require(f: InputFile, names: Iterable[str]) -> None:

@@ -82,3 +82,20 @@ def test_fingerprint_and_sql_helpers(tmp_path):
     assert duckdb.sql(f"SELECT {mio.sql_str(chr(39) + 'x')}, {mio.sql_list(['a', 'b'])}").fetchall() == [("'x", ["a", "b"])]
     padded = mio.sql_str(" \t u \n")
     assert duckdb.sql(f"SELECT {mio.trim_sql(padded)}").fetchall() == [("u",)]
+
+
+def test_a_float_hash_column_is_refused_with_the_fix(tmp_path):
+    """pandas writes int64 with nulls as float64: hashes above 2**53 then collide and every NaN
+    was one dedup key (99 of 100 rows `duplicate`); a join on it matched 5 rows of 1,000."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from curate.metadata.io import MetadataError, load_inputs
+
+    pq.write_table(pa.table({"URL": ["a", "b"], "TEXT": ["x", "y"], "hash": [1.0, float("nan")]}), tmp_path / "a.parquet")
+    with pytest.raises(MetadataError, match=r"a.parquet: column 'hash' is double: a 64-bit hash does not fit .*Int64"):
+        load_inputs(str(tmp_path))
+    pq.write_table(pa.table({"URL": ["a", "b"], "TEXT": ["x", "y"], "hash": pa.array([1, None], pa.int64())}),
+                   tmp_path / "a.parquet")
+    assert [f.rows for f in load_inputs(str(tmp_path))] == [2]
