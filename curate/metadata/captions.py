@@ -84,6 +84,10 @@ def caption_columns(cfg: CaptionsConfig, f: mio.InputFile) -> tuple[str, str]:
     key = cfg.captions_key or cfg.join_on
     text = cfg.caption_column or next((n for n in CAPTION_NAMES if f.column(n)), CAPTION_NAMES[0])
     mio.require(f, [key, text])
+    t = f.type_of(text)
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) or str(t) == "string_view"):
+        raise mio.MetadataError(f"{f.path}: caption column {f.column(text)!r} is {t}, not text; name the text "
+                                f"column with --caption-column")
     return f.column(key), f.column(text)
 
 

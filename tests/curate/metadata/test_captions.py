@@ -70,6 +70,15 @@ def test_missing_columns_are_named(ray_local, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+
+def test_a_caption_column_that_is_not_text_is_named(ray_local, tmp_path):
+    """An int64 `caption` column was read as 0% matched, every row `too_short`."""
+    write(tmp_path / "in" / "a.parquet", [row("a")])
+    caps = write(tmp_path / "caps.parquet", [{"url": "a", "caption": 7}], pa.schema([("url", pa.string()), ("caption", pa.int64())]))
+    with pytest.raises(MetadataError, match=rf"{caps}: caption column 'caption' is int64, not text"):
+        captions.run(captions.CaptionsConfig(captions=str(caps)), str(tmp_path / "in"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="caption table is required"):
         build(captions.CaptionsConfig, {})
