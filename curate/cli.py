@@ -42,11 +42,20 @@ def run_step(name: str, flags: dict[str, Any], inp: str, out: str, config_path: 
     is named, run it (a step that needs Ray and finds none starts a local one)."""
     from curate.steps import get_step
 
-    doc = config.load_yaml(config_path)
+    doc = load_config(config_path)
     step = get_step(name)
     cfg = config.merge(step.config, config.section(doc, step.section), config.given(flags), where=f"curate {name}")
     join_cluster(ray_address(address, doc))
     return step.run(cfg, inp, out)
+
+
+def load_config(config_path: Path | None) -> dict[str, Any]:
+    """pipelines.yaml, its `curate` sections checked (a misspelt one is an error)."""
+    from curate.steps import check_sections
+
+    doc = config.load_yaml(config_path)
+    check_sections(doc)
+    return doc
 
 
 def join_cluster(address: str | None) -> None:
@@ -73,7 +82,7 @@ def synth(
     from curate.metadata import synth as synth_mod
 
     with user_errors():
-        doc = config.load_yaml(config_path)
+        doc = load_config(config_path)
         flags = dict(rows=rows, files=files, seed=seed, dup_rate=dup_rate, missing_rate=missing_rate, null_rate=null_rate)
         cfg = config.merge(synth_mod.SynthConfig, config.section(doc, "curate.synth"), config.given(flags), where="curate synth")
         summary = synth_mod.run(cfg, output, captions_output)
@@ -197,7 +206,7 @@ def run_pipeline(
     from curate import pipeline as pipeline_mod
 
     with user_errors():
-        doc = config.load_yaml(config_path)
+        doc = load_config(config_path)
         pipeline_mod.plan(doc, pipeline)  # every step's config checked before Ray starts
         join_cluster(ray_address(address, doc))
         pipeline_mod.run(doc, pipeline)
@@ -316,7 +325,7 @@ def report(
     from curate.report.context import ReportConfig
 
     with user_errors():
-        doc = config.load_yaml(config_path)
+        doc = load_config(config_path)
         cfg = config.merge(ReportConfig, config.section(doc, "curate.report"),
                            config.given(dict(images_per_side=images_per_side, groups=groups)), where="curate report")
         done = build_report(cfg, run_dirs, output)

@@ -67,6 +67,20 @@ class Step:
         return "curate." + self.name
 
 
+OTHER_SECTIONS = ("synth", "report")  # curate commands with pipelines.yaml settings that are not steps
+
+
+def check_sections(doc: dict[str, Any]) -> None:
+    """A `curate.<name>` section that no command reads (a typo such as `filtr`) is an error,
+    not settings silently unused."""
+    from core.config import ConfigError, section
+
+    known = [*STEP_MODULES, *OTHER_SECTIONS]
+    unknown = sorted(set(section(doc, "curate")) - set(known))
+    if unknown:
+        raise ConfigError(f"curate: unknown section {unknown[0]!r} (known: {', '.join(known)})")
+
+
 def get_step(name: str) -> Step:
     if name not in STEP_MODULES:
         raise KeyError(f"unknown curate step {name!r} (known: {', '.join(STEP_MODULES)})")

@@ -84,3 +84,15 @@ def test_an_incomplete_step_is_one_line_and_exit_1(capsys) -> None:
             raise DownloadIncomplete("2 of 5 shards unfinished; rerun the same command")
     assert exit_info.value.exit_code == 1
     assert "incomplete: 2 of 5 shards unfinished" in capsys.readouterr().err
+
+
+def test_a_misspelt_curate_section_is_an_error(tmp_path):
+    """`curate: {filtr: {aesthetic: 9}}` ran the filter at 4.5 without a word."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"curate": {"filtr": {"aesthetic": 9.0}},
+                                   "pipelines": {"p": {"input": str(tmp_path / "in"), "output": str(tmp_path / "o"),
+                                                       "steps": ["filter"]}}}))
+    for args in (["run", "--pipeline", "p"], ["filter", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o")]):
+        result = runner.invoke(app, [*args, "--config", str(cfg)])
+        assert result.exit_code == 2 and "curate: unknown section 'filtr' (known: dedup, filter" in result.output
+    assert not (tmp_path / "o").exists()
