@@ -192,7 +192,26 @@ def load_inputs(spec: str | os.PathLike, required: Iterable[str] = (), allow_inc
     for f in files:
         require(f, required)
         _check_hash_type(f)
+        _check_internal_names(f)
     return files
+
+
+# Names the metadata steps' SQL gives its own columns (duckdb's `file_row_number`, aliases such
+# as `_row`, `_key`); tests/curate/metadata/test_io.py keeps the list true against the sources.
+# An input column of one of these names was ambiguous or overwritten mid-run (an incomplete step).
+INTERNAL_COLUMNS = frozenset({
+    "file_row_number", "_a", "_b", "_bad", "_h", "_invalid", "_jfail", "_jk", "_jmatched", "_jn", "_jp",
+    "_jrow", "_jsrc", "_keep", "_key", "_pos", "_reason", "_ref", "_rn", "_row", "_s", "_src",
+    "_trow", "_tsrc", "_value",
+})
+
+
+def _check_internal_names(f: InputFile) -> None:
+    clash = sorted(c for c in f.columns if c.lower() in INTERNAL_COLUMNS)
+    if clash:
+        raise MetadataError(f"{f.path}: column {clash[0]!r} has a name the curate steps use for their own "
+                            f"columns (also reserved: {', '.join(sorted(INTERNAL_COLUMNS - {clash[0].lower()}))}); "
+                            f"rename it and rewrite the file")
 
 
 def _check_hash_type(f: InputFile) -> None:

@@ -99,3 +99,23 @@ def test_a_float_hash_column_is_refused_with_the_fix(tmp_path):
     pq.write_table(pa.table({"URL": ["a", "b"], "TEXT": ["x", "y"], "hash": pa.array([1, None], pa.int64())}),
                    tmp_path / "a.parquet")
     assert [f.rows for f in load_inputs(str(tmp_path))] == [2]
+
+
+def test_input_columns_named_like_curates_own_are_refused_up_front(tmp_path):
+    """`file_row_number`, `_invalid`, `_row`, `_key`, `_keep`... made a step fail mid-run; the
+    list of reserved names is checked against the SQL of every metadata module."""
+    import re
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    sources = "".join(p.read_text() for p in (Path(mio.__file__).parent).glob("*.py"))
+    used = set(re.findall(r"(?:AS|as) \"?(_[a-z]+)", sources)) | set(re.findall(r"\"(_[a-z]+)\":", sources))
+    used |= set(re.findall(r"(?<![A-Za-z_])[a-z]\.(_[a-z]+)\b", sources)) | {"file_row_number"}
+    assert used <= mio.INTERNAL_COLUMNS, sorted(used - mio.INTERNAL_COLUMNS)
+    for name in ("file_row_number", "_Invalid", "_key"):
+        pq.write_table(pa.table({"URL": ["a"], "TEXT": ["x"], name: [1]}), tmp_path / "a.parquet")
+        with pytest.raises(mio.MetadataError, match=rf"a.parquet: column '{name}' has a name the curate steps use"):
+            mio.load_inputs(str(tmp_path))
+    pq.write_table(pa.table({"URL": ["a"], "TEXT": ["x"], "_id": [1], "__index_level_0__": [0]}), tmp_path / "a.parquet")
+    assert [f.rows for f in mio.load_inputs(str(tmp_path))] == [1]  # other leading underscores are fine
