@@ -166,7 +166,7 @@ def _read_tar(path: str | os.PathLike, report: ReadReport, max_member_bytes: int
                     continue
                 key, ext = _split(member.name)
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                kind = "image" if ext in IMAGE_EXTS else ext
+                kind = _kind(ext)
                 if current is not None and (key != current.key or kind in kinds):
                     report.samples += 1
                     yield current
@@ -209,7 +209,7 @@ def read_samples(path: str | os.PathLike, keys: set[str]) -> dict[str, Sample]:
                     if len(found) == len(keys):
                         break  # a sample's members are adjacent: every wanted one is complete
                     continue
-                kind = "image" if ext in IMAGE_EXTS else ext
+                kind = _kind(ext)
                 if kind in kinds.setdefault(key, set()):
                     closed.add(key)  # as iter_shard: the first sample of a key is the one read
                 if key in closed:
@@ -237,6 +237,11 @@ def zlib_error() -> type[BaseException]:
     import zlib
 
     return zlib.error
+
+
+def _kind(ext: str) -> str:
+    """What a member adds to its sample: "image" for any image extension, else the extension."""
+    return "image" if ext in IMAGE_EXTS else ext
 
 
 def _attach(sample: Sample, ext: str, data: bytes, name: str, report: ReadReport) -> None:
