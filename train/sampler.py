@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from core import atomic
+from core.progress import make_progress
 from train.convention import CONVENTIONS, Convention
 from train.masking import mask_rate
 
@@ -65,9 +67,11 @@ def guided_logits(model, codes, hidden, pooled, neg_hidden, neg_pooled, micro, t
 def maskgit(model, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch.Tensor,
             neg_pooled: torch.Tensor, micro_conds: torch.Tensor, grid: tuple[int, int], steps: int = 48,
             cfg: float = 9.0, seed: int = 0, temperature: float = 2.0,
-            convention: Convention = CONVENTIONS["tessera"], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            convention: Convention = CONVENTIONS["tessera"], dtype: torch.dtype = torch.float32,
+            on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Generate (B, h, w) codes. hidden (B, T, D), pooled (B, P); negatives broadcast from (1, ...).
-    dtype: the forward's compute dtype, in which the released convention hands over its timestep."""
+    dtype: the forward's compute dtype, in which the released convention hands over its timestep;
+    on_step: called after each decoding step (a progress bar)."""
     mcfg = model.cfg
     b, (h, w), device = hidden.shape[0], grid, hidden.device
     length, mask_id = h * w, mcfg.mask_token_id
@@ -86,6 +90,8 @@ def maskgit(model, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch
         keep = remask_count(length, i, steps, masked.sum(1))
         remask = choose_remask(confidence, keep, gumbel_temperature(i, steps, temperature), gen)
         codes = torch.where(remask, torch.full_like(drawn, mask_id), drawn)
+        if on_step is not None:
+            on_step()
     return codes.view(b, h, w)
 
 
@@ -98,7 +104,8 @@ def square_micro_conds(resolution: int, score: float = DEFAULT_SCORE) -> list[fl
 @torch.no_grad()
 def generate(model, text_encoder, prompts: list[str], grid: tuple[int, int], micro_conds: list[float],
              steps: int = 48, cfg: float = 9.0, negative_prompt: str = "", seed: int = 0,
-             convention: Convention = CONVENTIONS["tessera"], autocast: torch.dtype | None = None) -> torch.Tensor:
+             convention: Convention = CONVENTIONS["tessera"], autocast: torch.dtype | None = None,
+             on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Prompts -> (N, h, w) codes; the negative prompt "" means the empty-prompt encoding.
 
     micro_conds: the 5 micro-conditions every image gets (a run records its data's typical ones);
@@ -111,7 +118,7 @@ def generate(model, text_encoder, prompts: list[str], grid: tuple[int, int], mic
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         return maskgit(model, hidden.to(device), pooled.to(device), neg[0].to(device), neg[1].to(device),
                        micro, grid, steps=steps, cfg=cfg, seed=seed, convention=convention,
-                       dtype=autocast or torch.float32)
+                       dtype=autocast or torch.float32, on_step=on_step)
 
 
 def codes_to_colors(codes: torch.Tensor, codebook_size: int, scale: int = 8) -> torch.Tensor:
@@ -203,8 +210,11 @@ def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps:
 
         vq = load_vq(vq_path or meta["vq"], device=device)
     batch = [p for p in prompts for _ in range(n)]
-    codes = generate(model, encoder, batch, tuple(meta["grid"]), meta["sample_micro_conds"], steps=steps, cfg=cfg,
-                     negative_prompt=negative_prompt, seed=seed, convention=CONVENTIONS[meta["convention"]],
-                     autocast=PRECISION_DTYPES[meta["precision"]])
-    images = decode_vq(vq, codes) if vq is not None else codes_to_colors(codes, model.cfg.codebook_size)
+    with make_progress(transient=True) as progress:  # minutes on a CPU: show the decoding steps
+        bar = progress.add_task(f"sampling {len(batch)} images", total=steps + (vq is not None))
+        codes = generate(model, encoder, batch, tuple(meta["grid"]), meta["sample_micro_conds"], steps=steps, cfg=cfg,
+                         negative_prompt=negative_prompt, seed=seed, convention=CONVENTIONS[meta["convention"]],
+                         autocast=PRECISION_DTYPES[meta["precision"]], on_step=lambda: progress.advance(bar))
+        images = decode_vq(vq, codes) if vq is not None else codes_to_colors(codes, model.cfg.codebook_size)
+        progress.update(bar, completed=steps + (vq is not None))
     return save_grid(images, out, nrow=n)

@@ -22,6 +22,18 @@ from torch import nn
 from core.config import ConfigError
 from train.convention import OPEN_CLIP_PAD_ID, pad_after_eot
 
+# open_clip's tokenizer cleans and BPE-encodes the whole text before it keeps 77 tokens: a 1 MB
+# caption cost 4 s a sample, 100 kB 0.6 s. A CLIP token spans at most 32 characters, so 77 of
+# them lie within the first 2,464 characters of whitespace-collapsed text; longer prompts are
+# collapsed and cut to PROMPT_CHARS first (the same ids, tests/train/test_text_encoder.py).
+PROMPT_CHARS = 16_384
+
+
+def bounded_prompt(text: str) -> str:
+    """`text`, or for a text over PROMPT_CHARS its whitespace-collapsed first PROMPT_CHARS characters."""
+    return text if len(text) <= PROMPT_CHARS else " ".join(text.split())[:PROMPT_CHARS]
+
+
 REAL_MODEL_NAME = "ViT-H-14"  # Meissonic's text tower (open_clip config name)
 TINY_NAME = "tessera-tiny-text"
 # Tiny same-architecture config: real CLIP BPE vocabulary and 77 tokens, 64 wide, 3 layers.
@@ -235,7 +247,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77) token ids: [SOT] text [EOT], truncated to 77, then this run's pad id."""
-        return pad_after_eot(self.tokenizer(list(prompts)), self.pad_token_id)
+        return pad_after_eot(self.tokenizer([bounded_prompt(p) for p in prompts]), self.pad_token_id)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

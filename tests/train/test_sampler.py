@@ -64,8 +64,11 @@ def test_maskgit_reproduces_a_confident_model_and_uses_cond_value():
     model = Oracle(target, 10)
     hidden, pooled = torch.zeros(2, 3, 4), torch.ones(2, 4)
     neg_h, neg_p = torch.zeros(1, 3, 4), -torch.ones(1, 4)
-    codes = maskgit(model, hidden, pooled, neg_h, neg_p, torch.zeros(2, 5), (3, 3), steps=6, cfg=9.0, seed=0)
+    ticks = []
+    codes = maskgit(model, hidden, pooled, neg_h, neg_p, torch.zeros(2, 5), (3, 3), steps=6, cfg=9.0, seed=0,
+                    on_step=lambda: ticks.append(len(model.timesteps)))
     assert torch.equal(codes.view(2, 9), target)
+    assert ticks == [1, 2, 3, 4, 5, 6]  # `train sample`'s progress: one tick after each decoding step
     # first call: everything masked -> condition value 1.0 (cond_value of the ratio); later ones decrease
     first = model.timesteps[0]
     assert torch.allclose(first, torch.ones(4)) and model.timesteps[-1].max() < 1.0

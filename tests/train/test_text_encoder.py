@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from train.model import MODELS
+from train.convention import pad_after_eot
 from train.text_encoder import TextEncoder, register_tiny_config
 
 
@@ -125,3 +126,19 @@ def test_from_checkpoint_reads_hugging_face_text_encoder_folders(tmp_path):
     prompts = ["a lighthouse at dusk", ""]
     for ours, ref in zip(loaded.encode(prompts), tiny.encode(prompts)):
         assert torch.equal(ours, ref)
+
+
+def test_a_very_long_prompt_is_cut_before_tokenizing_with_the_same_ids():
+    import random
+
+    from train.text_encoder import PROMPT_CHARS, bounded_prompt
+
+    enc = TextEncoder.tiny()
+    rng = random.Random(0)
+    words = " ".join("".join(rng.choice("abcdefghij,.") for _ in range(rng.randint(1, 12))) for _ in range(12_000))
+    spaced = "a  cat\n" + " " * 60_000 + "\t on a mat " + words  # a whitespace run larger than the cut
+    one_word = "x" * (PROMPT_CHARS + 5000) + " tail"
+    for text in (words, spaced, one_word):
+        assert len(text) > PROMPT_CHARS and len(bounded_prompt(text)) <= PROMPT_CHARS
+        assert torch.equal(enc.tokenize([text]), pad_after_eot(enc.tokenizer([text]), enc.pad_token_id))
+    assert bounded_prompt("short  text ") == "short  text "  # short prompts are left as they are
