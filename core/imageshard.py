@@ -248,7 +248,12 @@ def _attach(sample: Sample, ext: str, data: bytes, name: str, report: ReadReport
     if ext in IMAGE_EXTS:
         sample.image, sample.image_ext = data, ext
     elif ext == "txt":
-        sample.caption = data.decode("utf-8", errors="replace")
+        try:
+            sample.caption = data.decode("utf-8")
+        except UnicodeDecodeError as exc:  # kept, repaired, and said: the sample is still usable
+            sample.caption = data.decode("utf-8", errors="replace")
+            report.bad_members.append((name, f"caption is not valid UTF-8 (byte {exc.start}); "
+                                             "undecodable bytes read as U+FFFD"))
     elif ext == "json":
         try:
             meta = json.loads(data)

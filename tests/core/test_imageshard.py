@@ -86,6 +86,14 @@ def test_invalid_json_member_recorded(tmp_path):
     assert s.meta == {} and report.bad_members[0][0] == "0.json"
 
 
+def test_invalid_utf8_caption_is_repaired_and_recorded(tmp_path):
+    raw_tar(tmp_path / "x.tar", [("0.jpg", b"a"), ("0.txt", b"caf\xe9 au lait"), ("1.jpg", b"b"), ("1.txt", "café".encode())])
+    report = ReadReport("x")
+    a, b = list(iter_shard(tmp_path / "x.tar", report))
+    assert a.caption == "caf\ufffd au lait" and b.caption == "café"
+    assert report.bad_members == [("0.txt", "caption is not valid UTF-8 (byte 3); undecodable bytes read as U+FFFD")]
+
+
 def test_oversized_member_refused_without_reading_it(tmp_path):
     raw_tar(tmp_path / "s.tar", [("k1.jpg", b"x" * 5000), ("k1.txt", b"cap"), ("k2.jpg", b"y" * 100), ("k2.txt", b"c2")])
     report = ReadReport("x")
