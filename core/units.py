@@ -5,9 +5,14 @@
     infos = run_units(rd, units, encode, "pretokenize", Resources(cpus=4, gpus=1),
                       setup=ShardEncoder, setup_args=(vq_path,), actors=8)
 
-A unit runs unless its completion marker (`rd.marker(name)`) is present and was written for
+A unit runs unless its completion marker (`rd.marker(name)`) is present, was written for
 the same input (`Unit.input`, e.g. the size and marker of the shard it reads: a redone
-upstream shard is redone here too). It runs
+upstream shard is redone here too) and every file it names is still there (its "files", the
+data parts, and its "outputs", e.g. `Unit.outputs`): a part or ledger deleted by hand, or lost
+on a disk, is redone by the next run instead of failing the step's end or the next step.
+Files under `_work/` are a step's transient ones (shuffle bundles, removed once consumed);
+they are checked only with `transient=True`, which a multi-phase step passes to a phase when
+a later phase still has work that reads them (`unfinished`). It runs
   * as a Ray task, `fn(*args)`;
   * or on a pool of Ray actors that each ran `setup(*setup_args)` once (a model loaded once),
     `fn(state, *args)`; each actor takes the next unit as soon as it is free;
@@ -31,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from core import atomic
+from core import atomic, storage
 from core.errors import StepIncomplete
 from core.procs import die_with_parent
 from core.progress import make_progress
@@ -46,6 +51,7 @@ class Unit:
     name: str  # marker name, unique in the run folder ("p1-00003", "00012")
     args: tuple = ()  # arguments of the unit function
     input: Any = None  # JSON-able identity of what the unit reads; a marker for another input is stale
+    outputs: tuple[str, ...] = ()  # files (relative to the folder) the unit writes that are not data parts
 
 
 @dataclass(frozen=True)
@@ -54,22 +60,78 @@ class Resources:
     gpus: float = 0  # Ray GPUs per task or actor
 
 
+TRANSIENT = "_work/"  # a step's scratch inside its folder, removed once consumed
+
+
 def is_done(rd: RunDir, unit: Unit) -> bool:
-    """True when the unit's marker exists and was written for the unit's current input."""
-    if not rd.is_done(unit.name):
+    """True when the unit's marker exists, was written for the unit's current input, and every
+    file it names is there, at the size it was written with."""
+    info = rd.read_marker(unit.name)
+    if info is None:
         return False
-    return unit.input is None or rd.done_info(unit.name).get("input") == unit.input
+    return (unit.input is None or info.get("input") == unit.input) and not lost_outputs(rd, {unit.name: info})
+
+
+def named_outputs(info: dict, transient: bool = False) -> list[str]:
+    """The files (relative to the folder) a marker vouches for; `_work/` ones only if `transient`."""
+    names = [n for key in ("files", "outputs") if isinstance(info.get(key), list) for n in info[key] if isinstance(n, str)]
+    lasting = [n for n in names if not n.startswith(TRANSIENT)]
+    return lasting + [n for n in names if n.startswith(TRANSIENT)] if transient else lasting  # lasting first
+
+
+class Lost(str):
+    """Why a done unit's output no longer holds (the str), with the file it is about."""
+
+    path: str = ""
+
+
+def lost_outputs(rd: RunDir, infos: dict[str, dict], transient: bool = False) -> dict[str, Lost]:
+    """Each marker of `infos` (name -> info) that names a file which is gone, or whose size
+    differs from the one its marker recorded (a cut or overwritten file) -> why, for the first
+    such file. One listing per folder the markers name, on a disk and on an object store."""
+    wanted = {name: named_outputs(info, transient) for name, info in infos.items()}
+    folders = {n.rpartition("/")[0] for names in wanted.values() for n in names}
+    listed = {f: storage.file_sizes(rd.path / f if f else rd.path) for f in folders}
+    lost = {}
+    for name, names in wanted.items():
+        recorded = infos[name].get("bytes") if isinstance(infos[name].get("bytes"), dict) else {}
+        for n in names:
+            folder, _, base = n.rpartition("/")
+            size = listed[folder].get(base)
+            if size is None:
+                why = Lost(f"{n} is gone")
+            elif n in recorded and recorded[n] != size:
+                why = Lost(f"{n} has {size:,} bytes, {recorded[n]:,} when it was written")
+            else:
+                continue
+            why.path = n
+            lost[name] = why
+            break
+    return lost
+
+
+def unfinished(rd: RunDir, names: Sequence[str]) -> set[str]:
+    """The units of `names` that would run now: no marker, or a marker naming a lost file
+    (inputs aside: a multi-phase step asks this of a later phase before running earlier ones)."""
+    infos = done_infos(rd, names)
+    return (set(names) - set(infos)) | set(lost_outputs(rd, infos))
 
 
 READ_THREADS = 16  # markers read at once
 
 
 def done_infos(rd: RunDir, names: Sequence[str]) -> dict[str, dict]:
-    """The marker info of each of `names` that has a marker: one listing, parallel reads."""
+    """The marker info of each of `names` that has a readable marker: one listing, parallel
+    reads. A damaged marker (cut, emptied) counts as none, so its unit is redone."""
     present = set(rd.done_tasks())
     wanted = [n for n in names if n in present]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return dict(zip(wanted, pool.map(rd.done_info, wanted)))
+        found = dict(zip(wanted, pool.map(rd.read_marker, wanted)))
+    damaged = [n for n, info in found.items() if info is None]
+    if damaged:
+        _say(f"{description_of(rd)}: {len(damaged)} unreadable marker(s) (first: {rd.marker(damaged[0])}); "
+             "redoing their units")
+    return {n: info for n, info in found.items() if info is not None}
 
 
 def _node() -> str | None:
@@ -94,6 +156,12 @@ def execute(rd: RunDir, unit: Unit, fn: Callable[..., dict], state: Any = None, 
             "task_cpu_seconds": round(time.process_time() - cpu, 3)}
     if unit.input is not None:
         info["input"] = unit.input
+    if unit.outputs:
+        info["outputs"] = list(unit.outputs)
+    named = named_outputs(info, transient=True)
+    if named:  # the size each file was written with: a cut or overwritten file is found on a rerun
+        sizes = storage.sizes_of([rd.path / n for n in named])
+        info["bytes"] = {n: b for n, b in zip(named, sizes) if b is not None}
     node = _node()
     if node is not None:
         info["node"] = node
@@ -115,12 +183,20 @@ class _UnitActor:
 
 def run_units(rd: RunDir, units: Sequence[Unit], fn: Callable[..., dict], description: str,
               resources: Resources = Resources(), *, setup: Callable[..., Any] | None = None,
-              setup_args: tuple = (), actors: int | None = None, executor: str = "ray") -> list[dict]:
+              setup_args: tuple = (), actors: int | None = None, executor: str = "ray",
+              transient: bool = False) -> list[dict]:
     """Run every unit not yet done (see module doc); returns each unit's marker info, in order.
     Raises StepIncomplete after all units ran if any failed."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     infos = done_infos(rd, [u.name for u in units])
+    lost = lost_outputs(rd, infos, transient)
+    told = {n: why for n, why in lost.items() if not why.path.startswith(TRANSIENT)}  # consumed scratch is no news
+    if told:
+        name, why = next(iter(told.items()))
+        _say(f"{description_of(rd)}: {len(told)} done unit(s) lost a file (first: {name}: {why}); redoing them")
+    for name in lost:
+        del infos[name]
     todo = [u for u in units if u.name not in infos or (u.input is not None and infos[u.name].get("input") != u.input)]
     skipped = len(units) - len(todo)
     label = description + (f" ({skipped} done before)" if skipped else "")
@@ -143,6 +219,12 @@ def incomplete_message(rd: RunDir, failures: dict[str, str], total: int) -> str:
     name, error = next(iter(failures.items()))
     return (f"{description_of(rd)}: {len(failures)} of {total} units failed (first: {name}: {error}); "
             f"the others are done. Errors in {rd.path / FAILED_DIR}; rerun the same command to redo the failed units")
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(text, markup=False)
 
 
 def description_of(rd: RunDir) -> str:

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from core import storage
+from core import keeplist, ledger, storage
 from core.rundir import RunDir
 from core.units import Unit, is_done, run_units
 from curate.images import group_tasks as gt
@@ -77,7 +77,10 @@ def run(rd: RunDir, parts: list[HashPart], distance: int, placeholder_hosts: int
     the largest task's peak RSS, each phase's largest task peak RSS and its wall seconds."""
     layout, blocks = plan(str(rd.path / SCRATCH), parts, distance, placeholder_hosts, bands, rows_per_task)
     job = job_identity(layout, parts)
-    last = Unit(f"{PREFIX}.finish", (layout, len(blocks), str(rd.path)), input=job)
+    # The job's lasting outputs: a rerun redoes the job if any of them was lost.
+    lasting = ("keep.parquet", "_groups.parquet",
+               *(f"{ledger.LEDGER_DIR}/{keeplist.shard_id(p.shard)}.parquet" for p in parts))
+    last = Unit(f"{PREFIX}.finish", (layout, len(blocks), str(rd.path)), input=job, outputs=lasting)
     if is_done(rd, last):
         return rd.done_info(last.name)
     phases = _phases(rd, layout, parts, blocks, job) + [("keep list and groups", gt.finish, [last])]

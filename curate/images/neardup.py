@@ -79,10 +79,10 @@ def run(cfg: NearDupConfig, inp: str, out: str) -> dict[str, Any]:
     shards = list_shards(inp)
     if not shards:
         raise FileNotFoundError(f"{inp}: no .tar image shards found")
-    rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp), format=FORMAT))
+    rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp), format=FORMAT), inputs=[inp])
     hashes = [rd.path / HASH_DIR / f"{s.stem}.parquet" for s in shards]
-    units = [Unit(f"hash.{s.stem}", (str(s), str(h), cfg.max_pixels, cfg.max_member_bytes), input=rundir.file_identity(s))
-             for s, h in zip(shards, hashes)]
+    units = [Unit(f"hash.{s.stem}", (str(s), str(h), cfg.max_pixels, cfg.max_member_bytes), input=rundir.file_identity(s),
+                  outputs=(f"{HASH_DIR}/{h.name}",)) for s, h in zip(shards, hashes)]
     infos = run_units(rd, units, hash_shard, "neardup: hashing shards")
     parts = [group_run.HashPart(str(h), s.name, int(i["rows"]), i.get("input")) for s, h, i in zip(shards, hashes, infos)]
     n = sum(p.rows for p in parts)

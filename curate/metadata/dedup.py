@@ -34,7 +34,7 @@ from typing import Any, Callable
 from core import ledger, storage
 from core.config import execution
 from core.storage import AnyPath
-from core.units import Resources, Unit, run_units
+from core.units import Resources, Unit, run_units, unfinished
 from curate.metadata import exec as mx
 from curate.metadata import io as mio
 from curate.metadata import shuffle
@@ -263,12 +263,16 @@ def _run(cfg: DedupConfig, inp: str, out: str, fuse: tuple[Step, Any, AnyPath] |
     tail = _tail(con, rd, columns, files, *fuse) if fuse else None
     hash_type = dict((c.lower(), t) for c, t in columns)["hash"]
     res = Resources(cpus=cfg.threads)
+    # A phase's bundles (in _work/, removed at the end) are checked only when a later phase still
+    # has work: after a finished run, a part or ledger lost by hand redoes the phases before it.
+    redo3 = bool(unfinished(rd, [f"p3-{i:05d}" for i in range(len(files))]))
+    redo2 = redo3 or bool(unfinished(rd, [f"p2-{b:05d}" for b in range(buckets)]))
     p1 = [Unit(f"p1-{i:05d}", (f, i, cfg, buckets, hash_type, out_path)) for i, f in enumerate(files)]
-    maps = run_units(rd, p1, _partition, "dedup: partition", res)
+    maps = run_units(rd, p1, _partition, "dedup: partition", res, transient=redo2)
     sources = [f.path for f in files]
     p2 = [Unit(f"p2-{p.part:05d}", (p, cfg, sources, hash_type, out_path), input=p.digest())
           for p in shuffle.plan(out_path / "_work", [m["bundle"] for m in maps], buckets)]
-    reduces = run_units(rd, p2, _dedup_bucket, "dedup: buckets", res)
+    reduces = run_units(rd, p2, _dedup_bucket, "dedup: buckets", res, transient=redo3)
     lists = shuffle.plan(out_path / "_work", [r["dropped"] or _EMPTY for r in reduces], len(files))
     p3 = [Unit(f"p3-{i:05d}", (f, i, cfg, columns, lists[i], out_path, tail), input=lists[i].digest())
           for i, f in enumerate(files)]

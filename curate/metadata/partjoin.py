@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from core.storage import AnyPath
-from core.units import Resources, Unit, run_units
+from core.units import Resources, Unit, run_units, unfinished
 from core import storage
 from curate.metadata import exec as mx
 from curate.metadata import io as mio
@@ -251,10 +251,11 @@ def run(rd: RunDir, merge: Merge, files: list[mio.InputFile], tables: list[mio.I
     """Run the three phases into `rd`; returns (the table maps' infos, the partitions' infos).
     `_work` (the bundles) is removed once every partition is written."""
     out, res = rd.path, Resources(cpus=merge.threads)
+    redo = bool(unfinished(rd, [f"part-{p:05d}" for p in range(parts)]))  # then the maps' bundles are needed
     tmaps = run_units(rd, [Unit(f"t-{j:05d}", (f, j, merge, parts, out)) for j, f in enumerate(tables)],
-                      _map_table, f"{label}: partition the table", res)
+                      _map_table, f"{label}: partition the table", res, transient=redo)
     mmaps = run_units(rd, [Unit(f"m-{i:05d}", (f, i, merge, parts, out)) for i, f in enumerate(files)],
-                      _map_meta, f"{label}: partition the rows", res)
+                      _map_meta, f"{label}: partition the rows", res, transient=redo)
     tplan = shuffle.plan(out / "_work", [x["bundle"] for x in tmaps], parts)
     mplan = shuffle.plan(out / "_work", [x["bundle"] for x in mmaps], parts)
     sources = [f.path for f in files]

@@ -92,8 +92,10 @@ class Pieces:
         return int(self.table[:, 3].sum()) if len(self.table) else 0
 
     def digest(self) -> str:
-        """Identity of what the reduce task reads (for its marker: a redone map redoes it)."""
-        h = hashlib.sha256(("\n".join(self.paths) + str(self.part)).encode())
+        """Identity of what the reduce task reads (for its marker: a redone map redoes it). By
+        bundle name, not path: a finished folder moved, copied or reached through a link is
+        the same folder to a rerun (its bundles are gone by then)."""
+        h = hashlib.sha256(("\n".join(p.rsplit("/", 1)[-1] for p in self.paths) + str(self.part)).encode())
         h.update(np.ascontiguousarray(self.table).tobytes())
         return h.hexdigest()[:16]
 

@@ -186,3 +186,17 @@ def test_small_helpers():
     for bad in ({}, {"original_width": 0, "original_height": 3}, {"original_width": "400", "original_height": 300},
                 {"original_width": True, "original_height": 1}):
         assert original_size(bad) is None  # the stored image's own size is used then
+
+
+def test_a_lost_code_shard_or_ledger_is_redone_by_a_rerun(tmp_path, shards, vq_dir):
+    out = tmp_path / "codes"
+    first = run(cfg_for(vq_dir), shards, out)
+    before = CodeDataset(out).codes(np.arange(13))
+    kept_marker = (out / "_done" / "00000.json").stat().st_mtime_ns
+    (out / "00001.arrow").unlink()  # its marker stays: the shard must still be redone
+    (out / "_ledger" / "00001.parquet").unlink()
+    again = run(cfg_for(vq_dir), shards, out)
+    assert {k: v for k, v in again.items() if not k.endswith("_seconds")} == {
+        k: v for k, v in first.items() if not k.endswith("_seconds")}
+    assert (out / "_done" / "00000.json").stat().st_mtime_ns == kept_marker
+    assert np.array_equal(CodeDataset(out).codes(np.arange(13)), before)

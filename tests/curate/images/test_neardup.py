@@ -157,3 +157,19 @@ def test_truncated_tar_keeps_what_it_can_and_fails_the_rest(shards, tmp_path) ->
     lost = [r for r in rows if r["error"] is not None]
     assert read and lost and all(r["phash"] is not None for r in read)
     assert all(r["error"].startswith("lost_from_tar: missing from 00001.tar:") for r in lost)
+
+
+def test_lost_outputs_are_redone_by_a_rerun(result, shards, tmp_path) -> None:
+    # The keep list, a ledger part, a hash part and a kept shard deleted after a finished run:
+    # the rerun redoes what they came from (the grouping's scratch is gone by then) and ends
+    # with the same folder, instead of counting a ledger that is not there.
+    out, stats = result
+    cfg = NearDupConfig(distance=4, placeholder_hosts=3, write_shards=True)
+    mine = tmp_path / "out"
+    assert neardup.run(cfg, str(shards), str(mine)) == stats
+    want = {p.relative_to(mine): p.read_bytes() for p in mine.rglob("*") if p.is_file() and p.suffix in (".parquet", ".tar")
+            and "_done" not in p.parts}
+    for rel in ("keep.parquet", "_ledger/00001.parquet", "_hashes/00000.parquet", "00001.tar"):
+        (mine / rel).unlink()
+    assert neardup.run(cfg, str(shards), str(mine)) == stats
+    assert {rel: (mine / rel).read_bytes() for rel in want} == want
