@@ -513,14 +513,17 @@ def finite_sql(f: InputFile, name: str) -> str:
 
 def not_number_reasons(f: InputFile, numbers: Iterable[str]) -> list[tuple[str, str]]:
     """(SQL condition, reason) for score columns stored with a type that is not a number:
-    a value that does not read as a number makes the row `failed` (`<column> is not a number`)."""
+    a value that does not read as a number makes the row `failed` (`<column> is not a number`).
+    Blank text ("", spaces: what a CSV export writes for an empty cell) is missing, as null and
+    "NaN" are, not failed."""
     out = []
     for name in numbers:
         t, stored = f.type_of(name), f.stored(name)
         if stored is None or _is_number_type(t):
             continue
         col = ident("aesthetic" if name == "aesthetic" else stored)
-        cond = f"{col} IS NOT NULL AND TRY_CAST({col} AS DOUBLE) IS NULL" if is_text_type(t) else f"{col} IS NOT NULL"
+        cond = (f"{col} IS NOT NULL AND trim({col}) <> '' AND TRY_CAST({col} AS DOUBLE) IS NULL" if is_text_type(t)
+                else f"{col} IS NOT NULL")
         out.append((cond, f"{name} is not a number"))
     return out
 

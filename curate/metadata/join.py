@@ -88,6 +88,13 @@ def key_norm(meta: list[mio.InputFile], on: str, tables: list[mio.InputFile], ke
     types = [f.type_of(on) for f in meta if f.column(on)] + [f.type_of(key) for f in tables]
     if on.lower() == "hash" and any(f.column("hash") is None for f in meta):
         types.append(pa.int64())  # computed
+    if any(t is not None and pa.types.is_uint64(t) for t in types):
+        # LAION's hash is mmh3's signed 64-bit value; `mmh3.hash64(..., signed=False)` (or a
+        # writer that stored it unsigned) keeps the same bits as uint64. Read such keys as the
+        # signed integer of the same bits, or half the keys (those >= 2**63) would not fit BIGINT.
+        wide = "TRY_CAST({0} AS HUGEINT)"
+        return (f"TRY_CAST((CASE WHEN {wide} >= {2**63} THEN {wide} - {2**64} ELSE {wide} END) AS BIGINT)",
+                "BIGINT")
     if any(t is not None and pa.types.is_integer(t) for t in types):
         return "TRY_CAST({} AS BIGINT)", "BIGINT"
     return "{}::VARCHAR", "VARCHAR"

@@ -67,7 +67,9 @@ def test_control_characters_long_text_and_wrong_types_fail_their_rows(ray_local,
     write(tmp_path / "in" / "a.parquet", rows)
     schema = pa.schema([("URL", pa.string()), ("TEXT", pa.string()), ("aesthetic", pa.string()), ("pwatermark", pa.float64())])
     write(tmp_path / "in" / "b.parquet", [dict(URL="http://b/1", TEXT="t", aesthetic="6.5", pwatermark=0.1),
-                                          dict(URL="http://b/2", TEXT="t", aesthetic="high", pwatermark=0.1)], schema)
+                                          dict(URL="http://b/2", TEXT="t", aesthetic="high", pwatermark=0.1),
+                                          dict(URL="http://b/3", TEXT="t", aesthetic=" ", pwatermark=0.1),  # blank: missing
+                                          dict(URL="http://b/4", TEXT="t", aesthetic="NaN", pwatermark=0.1)], schema)
     ints = pa.schema([("URL", pa.int64()), ("TEXT", pa.string()), ("aesthetic", pa.float64()), ("pwatermark", pa.float64())])
     write(tmp_path / "in" / "c.parquet", [dict(URL=7, TEXT="t", aesthetic=6.0, pwatermark=0.1)], ints)
     for step, out in (("dedup", "d"), ("filter", "f")):
@@ -81,6 +83,8 @@ def test_control_characters_long_text_and_wrong_types_fail_their_rows(ray_local,
         assert got[("a.parquet", 4)] == ("failed", f"TEXT over {mio.MAX_TEXT_BYTES} bytes"), step
         assert got[("a.parquet", 5)] == ("failed", f"URL over {mio.MAX_URL_BYTES} bytes"), step
         assert got[("b.parquet", 0)][0] == "kept" and got[("b.parquet", 1)] == ("failed", "aesthetic is not a number"), step
+        missing = ("kept", None) if step == "dedup" else ("filtered", "missing:aesthetic")
+        assert got[("b.parquet", 2)] == got[("b.parquet", 3)] == missing, step  # blank text as "NaN": a missing score
         assert got[("c.parquet", 0)] == ("failed", "URL is not text"), step
 
 

@@ -117,3 +117,34 @@ def test_a_tables_aesthetic_score_column_merges_as_aesthetic(ray_local, tmp_path
     stats = join.run(cfg, str(tmp_path / "in"), str(tmp_path / "out"))
     got = {r["URL"]: r["aesthetic"] for r in read_out(tmp_path / "out")}
     assert got == {"u1": 6.5, "u2": 5.0, "u3": 5.0, "u4": 4.0, "u5": 5.0} and stats["matched"] == 2  # replace: where matched
+
+
+def test_a_lost_part_is_redone_by_a_rerun(ray_local, tmp_path):
+    # The map bundles are removed once a join finishes: a part lost afterwards redoes them.
+    synth.run(synth.SynthConfig(rows=300, files=2, seed=9), tmp_path / "in")
+    write(tmp_path / "t.parquet", [{"hash": r["hash"], "aesthetic_v2": 2.0} for r in read_out(tmp_path / "in")], SCORES)
+    cfg = join.JoinConfig(table=str(tmp_path / "t.parquet"), partitions=3)
+    first = join.run(cfg, str(tmp_path / "in"), str(tmp_path / "out"))
+    rows = sorted(map(str, read_out(tmp_path / "out")))
+    (tmp_path / "out" / first["parts"][1]).unlink()
+    (tmp_path / "out" / first["ledger"][2]).unlink()
+    assert join.run(cfg, str(tmp_path / "in"), str(tmp_path / "out")) == first
+    assert sorted(map(str, read_out(tmp_path / "out"))) == rows and len(rows) == 300
+    assert len(read_ledger(tmp_path / "out")) == 300 and not (tmp_path / "out" / "_work").exists()
+
+
+def test_a_uint64_key_matches_the_signed_hash_of_the_same_bits(ray_local, tmp_path):
+    # mmh3.hash64(..., signed=False) gives LAION's hash as uint64: half the values are >= 2**63.
+    synth.run(synth.SynthConfig(rows=200, files=1, seed=4), tmp_path / "in")
+    rows = [r["hash"] for r in read_out(tmp_path / "in")]
+    hashes = list(dict.fromkeys(rows))  # synth plants duplicate rows: one table row per key
+    assert any(h < 0 for h in hashes) and any(h > 0 for h in hashes)
+    unsigned = pa.table({"hash": pa.array([h & (2**64 - 1) for h in hashes], pa.uint64()),
+                         "aesthetic_v2": pa.array([float(i) for i in range(len(hashes))], pa.float32())})
+    (tmp_path / "t").mkdir()
+    import pyarrow.parquet as pq
+    pq.write_table(unsigned, tmp_path / "t" / "u.parquet")
+    stats = join.run(join.JoinConfig(table=str(tmp_path / "t")), str(tmp_path / "in"), str(tmp_path / "out"))
+    assert (stats["matched"], stats["table_unusable"]) == (200, 0)
+    want = {h: float(i) for i, h in enumerate(hashes)}
+    assert sorted((r["hash"], r["aesthetic_v2"]) for r in read_out(tmp_path / "out")) == sorted((h, want[h]) for h in rows)
