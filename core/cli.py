@@ -46,6 +46,9 @@ def user_errors() -> Iterator[None]:
     except (StepIncomplete, LedgerMismatchError) as exc:
         err.print(f"[red]incomplete:[/red] {_message(exc)}", markup=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: what is done is kept; say how to go on
+        err.print("[red]interrupted:[/red] finished units are kept; rerun the same command to resume", markup=True)
+        raise typer.Exit(130) from None
 
 
 def ray_address(flag: str | None, doc: Mapping[str, Any] | None = None) -> str | None:

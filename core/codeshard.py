@@ -304,7 +304,8 @@ class CodeDataset:
         for info in self.manifest.shards:
             path = self.folder / info.name
             if not path.is_file():
-                raise CodeShardError(f"{path}: listed in the manifest but missing")
+                raise CodeShardError(f"{path}: listed in the manifest but missing; rerun the same `pretokenize` "
+                                     "command, which redoes a lost shard")
             size = path.stat().st_size  # free; catches a cut or rewritten shard before Arrow reads it
             if size != info.bytes:
                 raise CodeShardError(f"{path}: {size} bytes, the manifest says {info.bytes}: the shard was cut "

@@ -57,14 +57,26 @@ class RunDir:
     hash: str
 
     @classmethod
-    def open(cls, path: str | os.PathLike, step: str, identity: Any) -> "RunDir":
+    def open(cls, path: str | os.PathLike, step: str, identity: Any,
+             inputs: Iterable[str | os.PathLike] = (), own_folder: bool = True) -> "RunDir":
         """Create or reopen `path` for `step`, holding its lock for the rest of this process.
         `identity` is everything that determines the output (see `identity()`); a folder made
         with another identity is refused. Leftover temp files of a dead run are removed, only
-        once the lock shows no other run is writing here."""
+        once the lock shows no other run is writing here.
+
+        A step deletes data files no marker of its own names (an abandoned attempt's), so with
+        `own_folder` an existing folder that holds anything but is no step's output is refused,
+        as is a folder that is, or is inside, or holds one of the `inputs` folders."""
         path = storage.path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        hold_lock(path)
+        if own_folder:
+            _check_own(path, step, inputs)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            hold_lock(path)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{path}: cannot be an output folder: it, or a folder above it, is a file") from None
+        except PermissionError as exc:
+            raise UserError(f"{path}: cannot write the output folder ({exc.strerror}: {exc.filename})") from None
         resolved = to_dict(identity)
         digest = config_hash({"step": step, "config": resolved})
         cfg_file = path / CONFIG
@@ -94,6 +106,11 @@ class RunDir:
     def done_info(self, task: str) -> dict[str, Any]:
         return json.loads(self.marker(task).read_text())
 
+    def read_marker(self, task: str) -> dict[str, Any] | None:
+        """The task's marker info; None when there is none or it is unreadable (markers are
+        written whole, so a damaged one was damaged from outside: its task is redone)."""
+        return read_marker(self.marker(task))
+
     def done_tasks(self) -> list[str]:
         return sorted(p.stem for p in (self.path / DONE).glob("*.json"))
 
@@ -101,6 +118,63 @@ class RunDir:
         """Remove the completion record before changing any output: readers then see the
         folder as unfinished until the step writes it again."""
         (self.path / STATS).unlink(missing_ok=True)
+
+
+def _check_own(path: AnyPath, step: str, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output folder a step must not write into (see RunDir.open)."""
+    for spec in inputs:
+        text = str(spec)
+        base = storage.path(text.split("*")[0].split("?")[0].split("[")[0].rstrip("/") or ".") if any(
+            ch in text for ch in "*?[") else storage.path(spec)
+        if not any(ch in text for ch in "*?[") and not base.is_dir():
+            continue  # a single input file: its folder may hold outputs
+        real = (lambda p: str(p) if isinstance(p, RemotePath) else os.path.realpath(p))  # noqa: E731 - links too
+        out, inp = real(path).rstrip("/") + "/", real(base).rstrip("/") + "/"
+        if out.startswith(inp) or inp.startswith(out):
+            where = "is" if out == inp else "is inside" if out.startswith(inp) else "holds"
+            raise UserError(f"{path}: the output folder {where} the input {base}; "
+                            "give an output folder outside the input")
+    if (path / CONFIG).is_file() or not path.is_dir():
+        return
+    # `_` names are bookkeeping (a lock, temp files, outputs a fused step staged here first);
+    # no step deletes them, nor reads them as data
+    foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(("_", ".")))
+    if foreign:
+        raise UserError(f"{path}: exists and holds files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
+                        f"but is no step's output folder (no {CONFIG}); `{step}` would delete data files it did not "
+                        "write there: give a new or empty folder")
+
+
+def read_marker(path: AnyPath) -> dict[str, Any] | None:
+    """A `_done/<unit>.json` marker; None when missing, unreadable or not a JSON object."""
+    try:
+        info = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def folder_step(folder: AnyPath) -> str | None:
+    """The step whose output `folder` is (its `_config.yaml`), or None."""
+    cfg = folder / CONFIG
+    return _read_yaml(cfg).get("step") if cfg.is_file() else None
+
+
+def read_stats(folder: AnyPath) -> dict[str, Any]:
+    """A step folder's completion record, refused with one line when it is damaged."""
+    stats = folder / STATS
+    try:
+        record = json.loads(stats.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        record = None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        why = "not a JSON object"
+    if not isinstance(record, dict):
+        step = folder_step(folder) or "?"
+        raise UserError(f"{stats}: unreadable ({why}); rerun the `{step}` command that wrote {folder}, with the "
+                        "same arguments, to write it again")
+    return record
 
 
 def _read_yaml(path: AnyPath) -> dict[str, Any]:
@@ -134,16 +208,16 @@ def step_record(folder: str | os.PathLike) -> dict[str, Any] | None:
         "input": (written.get("config") or {}).get("input"),
         "settings": (written.get("config") or {}).get("settings") or {},
         "complete": stats.is_file(),
-        "record": _record_digest(stats) if stats.is_file() else None,
+        "record": _record_digest(folder) if stats.is_file() else None,
         "done": len(list((folder / DONE).glob("*.json"))),
         "failed": sorted(p.stem for p in (folder / FAILED).glob("*.json")),
     }
 
 
-def _record_digest(stats: AnyPath) -> str:
+def _record_digest(folder: AnyPath) -> str:
     """Digest of a completion record's counts (timings left out: a rerun that changes nothing
     keeps the digest, so the folders made from it stay valid)."""
-    record = json.loads(stats.read_text())
+    record = read_stats(folder)
     kept = {k: v for k, v in record.items() if "second" not in k}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -172,15 +246,32 @@ def recorded_files(folder: str | os.PathLike, suffix: str) -> list[AnyPath] | No
     folder = storage.path(folder)
     stats = folder / STATS
     if stats.is_file():
-        parts = json.loads(stats.read_text()).get("parts")
-        return None if parts is None else sorted((folder / n for n in parts if n.endswith(suffix)), key=str)
+        parts = read_stats(folder).get("parts")
+        return None if parts is None else require_present(folder, sorted((folder / n for n in parts if n.endswith(suffix)), key=str))
     if not (folder / CONFIG).is_file():
         return None
-    markers = [json.loads(m.read_text()) for m in (folder / DONE).glob("*.json")]
+    markers = [m for m in map(read_marker, (folder / DONE).glob("*.json")) if m is not None]
     if not any("files" in m for m in markers):
         return None  # no unit of this folder names its files (an older format, or none done yet)
     names = {n for m in markers for n in m.get("files", ())}
-    return sorted((folder / n for n in names if n.endswith(suffix) and "/" not in n), key=str)
+    return require_present(folder, sorted((folder / n for n in names if n.endswith(suffix) and "/" not in n), key=str))
+
+
+def require_present(folder: AnyPath, files: list[AnyPath]) -> list[AnyPath]:
+    """`files` (top-level data files a step folder's records name), refused with one line if
+    any is gone (deleted by hand, lost): the step that wrote the folder redoes them on a rerun
+    (core.units). On an object store one listing, not a request per file."""
+    if isinstance(folder, RemotePath):
+        present = {p.name for p in folder.iterdir()}
+        missing = [f for f in files if f.name not in present]
+    else:
+        missing = [f for f in files if not f.exists()]
+    if missing:
+        step = folder_step(folder) or "?"
+        raise UserError(f"{folder}: {len(missing)} of the {len(files)} files its records name are gone (first: "
+                        f"{missing[0].name}); rerun the `{step}` command that wrote it, with the same arguments, "
+                        "to redo them")
+    return files
 
 
 def fingerprint(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, Any]:
@@ -226,7 +317,7 @@ def hold_lock(folder: AnyPath) -> int | None:
 
         lease.hold(folder / LOCK)
         return None
-    key = str(folder)
+    key = os.path.realpath(folder)  # one lock per folder, however it is reached
     held = _LOCKS.get(key)
     if held is not None and _same_file(held, folder / LOCK):
         return held.fileno()
@@ -263,7 +354,7 @@ def release_lock(folder: str | os.PathLike) -> None:
 
         lease.release(folder / LOCK)
         return
-    f = _LOCKS.pop(str(folder), None)
+    f = _LOCKS.pop(os.path.realpath(folder), None)
     if f is not None:
         with contextlib.suppress(OSError):
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -153,7 +153,7 @@ def run(cfg: PretokenizeConfig, input: str | os.PathLike, output: str | os.PathL
     if cfg.keep_list:
         keeplist.check(cfg.keep_list)
         keep_id = codeshard.file_sha256(cfg.keep_list)
-    rd = RunDir.open(output, STEP, identity(cfg, input, tok.sha256, keep_id))
+    rd = RunDir.open(output, STEP, identity(cfg, input, tok.sha256, keep_id), inputs=[input])
     keep_list = keeplist.canonical(cfg.keep_list, rd.path) if cfg.keep_list else None
     units = [Unit(keeplist.shard_id(t.name), (str(t), str(rd.path), keep_list),
                   input={"shard": rundir.file_identity(t), "keep_list": keep_id}) for t in tars]

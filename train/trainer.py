@@ -274,7 +274,7 @@ class Trainer:
         identity = {"stage": stage, "data": {"tokenizer_sha256": self.manifest.tokenizer.sha256,
                                                        "rows": self.manifest.num_rows, "grid": list(self.grid)}}
         if self.dist.is_main:
-            RunDir.open(self.run_dir, f"train.{self.stage}", identity)
+            RunDir.open(self.run_dir, f"train.{self.stage}", identity, own_folder=False)  # deletes only its own temps
             checkpoint.remove_partial(self.run_dir)
         distributed.barrier()
         return yaml.safe_load((self.run_dir / "_config.yaml").read_text())["hash"]

@@ -284,7 +284,7 @@ def run(cfg: DownloadConfig, inp: str, out: str) -> dict[str, Any]:
     rundir.check_finished(inp, cfg.allow_incomplete)
     files = list_inputs(inp)
     columns = input_columns(cfg, files)
-    rd = RunDir.open(out, "download", rundir.identity(cfg, rundir.fingerprint(inp, files)))
+    rd = RunDir.open(out, "download", rundir.identity(cfg, rundir.fingerprint(inp, files)), inputs=[inp])
     check_staging(cfg, rd)
     plan = load_plan(rd, cfg, files)
     adopt.adopt_leftovers(rd, plan, bool(cfg.caption_col), staging_root(cfg, rd))

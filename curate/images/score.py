@@ -270,7 +270,7 @@ def run(cfg: ScoreConfig, inp: str, out: str) -> dict[str, Any]:
         keeplist.check(cfg.keep_list)
         record = rundir.step_record(storage.path(cfg.keep_list).parent)
         keep_id = record["record"] if record and record["complete"] else rundir.file_identity(cfg.keep_list)
-    rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp)))
+    rd = RunDir.open(out, STEP_NAME, rundir.identity(cfg, rundir.location(inp)), inputs=[inp])
     keep_list = keeplist.canonical(cfg.keep_list, rd.path) if cfg.keep_list else None
     units = [Unit(f"score.{s.stem}", (str(s), keep_list, str(rd.path)),
                   input={"shard": rundir.file_identity(s), "keep_list": keep_id}) for s in shards]

@@ -42,7 +42,8 @@ def open_run(out: AnyPath, step: str, cfg: Any, inp: str, files: list[InputFile]
     """Open the output folder with everything that decides its content: settings, the input
     fingerprint, the duckdb version (its hash() places rows into partitions) and FORMAT."""
     fp = rundir.fingerprint(inp, [f.path for f in files]) if _is_folder(inp) else fingerprint_files(files)
-    return RunDir.open(out, step, rundir.identity(cfg, fp, duckdb=duckdb.__version__, format=FORMAT, **extra))
+    return RunDir.open(out, step, rundir.identity(cfg, fp, duckdb=duckdb.__version__, format=FORMAT, **extra),
+                       inputs=[inp])
 
 
 def _is_folder(inp: str) -> bool:

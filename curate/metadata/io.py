@@ -101,21 +101,18 @@ def list_inputs(spec: str | os.PathLike, allow_incomplete: bool = False) -> list
 def _recorded_parts(folder: AnyPath, complete: bool) -> list[AnyPath]:
     """The data parts a step's output folder names: in its `_stats.json` (finished), else in
     its task markers (data = a top-level .parquet file a marker names)."""
-    import json
-
     if complete:
-        stats = json.loads((folder / rundir.STATS).read_text())
+        stats = rundir.read_stats(folder)
         if "parts" in stats:
-            return [folder / name for name in stats["parts"]]
+            return rundir.require_present(folder, [folder / name for name in stats["parts"]])
         return sorted(storage.expand(folder, ".parquet"), key=str)  # a folder of an older format: its files
     names = {n for info in _marker_infos(folder) for n in info.get("files", ()) if "/" not in n and n.endswith(".parquet")}
-    return [folder / n for n in sorted(names)]
+    return rundir.require_present(folder, [folder / n for n in sorted(names)])
 
 
 def _marker_infos(folder: AnyPath) -> list[dict[str, Any]]:
-    import json
-
-    return [json.loads(p.read_text()) for p in sorted((folder / rundir.DONE).glob("*.json"), key=str)]
+    found = (rundir.read_marker(p) for p in sorted((folder / rundir.DONE).glob("*.json"), key=str))
+    return [m for m in found if m is not None]
 
 
 def plain_type(t: pa.DataType) -> pa.DataType:
@@ -123,6 +120,15 @@ def plain_type(t: pa.DataType) -> pa.DataType:
     (duckdb reads a parquet Float16 column as FLOAT and has no Arrow half-float); others as they are."""
     t = t.value_type if pa.types.is_dictionary(t) else t
     return pa.float32() if pa.types.is_float16(t) else t
+
+
+def _remedy(path: AnyPath) -> str:
+    """What to do about a damaged input file: a step's part is redone by rerunning that step
+    (its marker recorded the part's size); any other file is the user's to replace."""
+    step = rundir.folder_step(path.parent)
+    if step is None:
+        return "remove it or regenerate it"
+    return f"rerun the `{step}` command that wrote {path.parent}, with the same arguments, to redo it"
 
 
 def inspect(path: AnyPath) -> InputFile:
@@ -133,13 +139,13 @@ def inspect(path: AnyPath) -> InputFile:
     except FileNotFoundError:
         raise MetadataError(f"{path}: file not found") from None
     if size == 0:
-        raise MetadataError(f"{path}: empty file (0 bytes), not a parquet file; remove it or regenerate it")
+        raise MetadataError(f"{path}: empty file (0 bytes), not a parquet file; {_remedy(path)}")
     fs, key = storage.arrow_fs(path)
     try:
         meta = pq.read_metadata(key, filesystem=fs)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError) as exc:
-        raise MetadataError(f"{path}: unreadable parquet file ({exc})") from exc
+        raise MetadataError(f"{path}: unreadable parquet file ({exc}); {_remedy(path)}") from exc
     seen: dict[str, str] = {}
     for name in schema.names:
         if name.lower() in seen:

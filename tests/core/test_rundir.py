@@ -105,3 +105,56 @@ def test_a_second_live_run_on_a_folder_is_refused_and_a_dead_one_leaves_no_lock(
     RunDir.open(out, "s", {})  # the OS dropped the dead run's lock
     assert not (out / "_tmp.x.part-0.parquet").exists()
     rundir.release_lock(out)
+
+
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_recorded_files_refuses_a_folder_whose_named_files_are_gone(tmp_path, where, request):
+    from core import atomic, storage
+    out = storage.path(str(tmp_path / "out") if where == "disk" else request.getfixturevalue("s3") + "/out")
+    rd = RunDir.open(out, "download", {})
+    for name in ("00000.tar", "00001.tar"):
+        atomic.write_bytes(out / name, b"x")
+    rd.mark_done("00000", {"files": ["00000.tar", "00001.tar", "_ledger/00000.parquet"]})
+    assert [p.name for p in rundir.recorded_files(out, ".tar")] == ["00000.tar", "00001.tar"]
+    (out / "00001.tar").unlink()
+    with pytest.raises(UserError, match=r"1 of the 2 files its records name are gone \(first: 00001.tar\); "
+                                         r"rerun the `download` command"):
+        rundir.recorded_files(out, ".tar")
+    atomic.write_json(out / rundir.STATS, {"parts": ["00000.tar", "00001.tar"]})  # finished: the record names them
+    with pytest.raises(UserError, match="00001.tar"):
+        rundir.recorded_files(out, ".tar")
+
+
+def test_a_damaged_completion_record_is_one_line(tmp_path):
+    rd = RunDir.open(tmp_path / "out", "dedup", {})
+    (rd.path / rundir.STATS).write_text('{"rows_in": 4, "ke')
+    with pytest.raises(UserError, match=r"_stats.json: unreadable \(.*\); rerun the `dedup` command that wrote"):
+        rundir.check_finished(rd.path)
+
+
+def test_an_output_folder_a_step_must_not_write_into_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.parquet").write_bytes(b"x")
+    for out, says in ((tmp_path / "in", "is the input"), (tmp_path / "in" / "sub", "is inside the input"),
+                      (tmp_path, "holds the input")):
+        with pytest.raises(UserError, match=says):
+            RunDir.open(out, "dedup", {}, inputs=[tmp_path / "in"])
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    with pytest.raises(UserError, match="is inside the input"):
+        RunDir.open(tmp_path / "link" / "out", "dedup", {}, inputs=[tmp_path / "in"])
+    with pytest.raises(UserError, match="is inside the input"):  # a glob: its folder
+        RunDir.open(tmp_path / "in" / "sub", "dedup", {}, inputs=[str(tmp_path / "in" / "*.parquet")])
+    RunDir.open(tmp_path / "out", "dedup", {}, inputs=[tmp_path / "in" / "a.parquet", str(tmp_path / "in" / "*.parquet")])
+    RunDir.open(tmp_path / "in2", "dedup", {}, inputs=[tmp_path / "in" / "a.parquet"])  # beside one input file
+    # a folder of someone else's files: the step would delete its parquet files
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.parquet").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"holds files \(notes.parquet\) but is no step's output folder"):
+        RunDir.open(tmp_path / "mine", "dedup", {})
+    assert (tmp_path / "mine" / "notes.parquet").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / rundir.LOCK).write_text("")  # a run killed before it wrote its config
+    RunDir.open(tmp_path / "empty", "dedup", {})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        RunDir.open(tmp_path / "afile" / "sub", "dedup", {})

@@ -29,10 +29,11 @@ def codes_on_s3(s3_server, shards, vq_dir, tmp_path_factory):
         storage.upload(p, storage.path(f"{remote}/shards") / p.name)
     atomic.write_parquet(f"{remote}/keep.parquet", pa.table({"key": ["000000000", "000000001", "000010004"],
                                                              "shard": ["00000.tar", "00000.tar", "00001.tar"]}))
-    stale = storage.path(f"{remote}/codes") / "00000.deadbeef0000.arrow"  # an abandoned attempt's upload
-    atomic.write_bytes(stale, b"half of something")
     local = tmp_path_factory.mktemp("codes") / "codes"
     run(cfg_for(vq_dir, keep_list=f"{remote}/keep.parquet"), f"{remote}/shards", str(local))
+    run(cfg_for(vq_dir, keep_list=f"{remote}/keep.parquet"), f"{remote}/shards", f"{remote}/codes")
+    stale = storage.path(f"{remote}/codes") / "00000.deadbeef0000.arrow"  # an abandoned attempt's upload (a
+    atomic.write_bytes(stale, b"half of something")                     # killed rerun's), beside the committed one
     stats = run(cfg_for(vq_dir, keep_list=f"{remote}/keep.parquet"), f"{remote}/shards", f"{remote}/codes")
     return remote, local, stats, stale
 

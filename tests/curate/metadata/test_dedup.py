@@ -252,3 +252,57 @@ def test_parts_keep_input_order_on_one_thread_and_on_two(ray_local, tmp_path):
     hashes = one.column("hash").to_numpy()
     assert len(hashes) == 260_000 and (np.diff(hashes) > 0).all()  # input order
     assert one.equals(two)
+
+
+def test_a_part_or_ledger_lost_after_the_run_is_redone_by_a_rerun(ray_local, laion, tmp_path, capfd):
+    # The bundles are gone once a run finishes, so a lost part or ledger redoes the phases
+    # before it; on a disk their output is the same, so only the lost files' units write.
+    out = tmp_path / "out"
+    first = dedup.run(dedup.DedupConfig(buckets=3), str(laion), str(out))
+    parts, ledgers = (out / "part-00002.parquet"), (out / "_ledger" / "p2-00001.parquet")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*out.glob("*.parquet"), *out.glob("_ledger/*")]}
+    parts.unlink()
+    ledgers.unlink()
+    from core.errors import UserError
+    from curate.metadata import filter as mfilter
+    with pytest.raises(UserError, match=r"1 of the 4 files its records name are gone \(first: part-00002.parquet\)"):
+        mfilter.run(mfilter.FilterConfig(), str(out), str(tmp_path / "f"))  # the next step says what to do
+    capfd.readouterr()
+    again = dedup.run(dedup.DedupConfig(buckets=3), str(laion), str(out))
+    err = " ".join(capfd.readouterr().err.split())
+    assert "1 done unit(s) lost a file (first: p2-00001: _ledger/p2-00001.parquet is gone)" in err
+    assert "1 done unit(s) lost a file (first: p3-00002: part-00002.parquet is gone)" in err
+    assert "_work/" not in err
+    assert again == first
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before}
+    assert {p for p in before if after[p] != before[p]} == {parts} | set(out.glob("_ledger/*"))  # p2 all redone
+    assert all(after[p][0] == before[p][0] for p in before)  # same bytes
+    assert not (out / "_work").exists()
+    assert dedup.run(dedup.DedupConfig(buckets=3), str(laion), str(out)) == first
+
+
+def test_a_finished_folder_moved_or_reached_through_a_link_reruns_as_done(ray_local, laion, tmp_path):
+    import shutil
+    from core import rundir
+    first = dedup.run(dedup.DedupConfig(buckets=3), str(laion), str(tmp_path / "a"))
+    rundir.release_lock(tmp_path / "a")  # as the process that wrote it would on exit
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "link").symlink_to(tmp_path / "b")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*.parquet")}
+    for where in ("b", "link"):  # the bundles are gone: a unit that thought itself stale could not redo
+        assert dedup.run(dedup.DedupConfig(buckets=3), str(laion), str(tmp_path / where)) == first
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*.parquet")} == before
+
+
+def test_a_part_cut_short_after_the_run_is_named_then_redone(ray_local, laion, tmp_path, capfd):
+    from curate.metadata import filter as mfilter
+    out = tmp_path / "out"
+    first = dedup.run(dedup.DedupConfig(buckets=2), str(laion), str(out))
+    whole = (out / "part-00001.parquet").read_bytes()
+    (out / "part-00001.parquet").write_bytes(whole[:100])
+    with pytest.raises(MetadataError, match=r"part-00001.parquet: unreadable parquet file .*; rerun the `dedup` command"):
+        mfilter.run(mfilter.FilterConfig(), str(out), str(tmp_path / "f"))
+    capfd.readouterr()
+    assert dedup.run(dedup.DedupConfig(buckets=2), str(laion), str(out)) == first
+    assert f"part-00001.parquet has 100 bytes, {len(whole):,} when it was written" in " ".join(capfd.readouterr().err.split())
+    assert (out / "part-00001.parquet").read_bytes() == whole
