@@ -224,7 +224,7 @@ def incomplete_message(rd: RunDir, failures: dict[str, str], total: int) -> str:
 def _say(text: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(text, markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=False)  # paths stay whole
 
 
 def description_of(rd: RunDir) -> str:
