@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
@@ -122,14 +123,18 @@ class RunDir:
 
 def _check_own(path: AnyPath, step: str, inputs: Iterable[str | os.PathLike]) -> None:
     """Refuse an output folder a step must not write into (see RunDir.open)."""
+    def real(p: AnyPath) -> str:  # a local path with its links resolved, as a folder prefix
+        return (str(p) if isinstance(p, RemotePath) else os.path.realpath(p)).rstrip("/") + "/"
+
     for spec in inputs:
-        text = str(spec)
-        base = storage.path(text.split("*")[0].split("?")[0].split("[")[0].rstrip("/") or ".") if any(
-            ch in text for ch in "*?[") else storage.path(spec)
-        if not any(ch in text for ch in "*?[") and not base.is_dir():
+        glob = re.match(r"[^*?\[]*", str(spec)).group()  # a glob's fixed start
+        if glob != str(spec):
+            base = storage.path(glob.rpartition("/")[0] or ".")  # the folder it lists
+        elif storage.path(spec).is_dir():
+            base = storage.path(spec)
+        else:
             continue  # a single input file: its folder may hold outputs
-        real = (lambda p: str(p) if isinstance(p, RemotePath) else os.path.realpath(p))  # noqa: E731 - links too
-        out, inp = real(path).rstrip("/") + "/", real(base).rstrip("/") + "/"
+        out, inp = real(path), real(base)
         if out.startswith(inp) or inp.startswith(out):
             where = "is" if out == inp else "is inside" if out.startswith(inp) else "holds"
             raise UserError(f"{path}: the output folder {where} the input {base}; "
@@ -260,12 +265,9 @@ def recorded_files(folder: str | os.PathLike, suffix: str) -> list[AnyPath] | No
 def require_present(folder: AnyPath, files: list[AnyPath]) -> list[AnyPath]:
     """`files` (top-level data files a step folder's records name), refused with one line if
     any is gone (deleted by hand, lost): the step that wrote the folder redoes them on a rerun
-    (core.units). On an object store one listing, not a request per file."""
-    if isinstance(folder, RemotePath):
-        present = {p.name for p in folder.iterdir()}
-        missing = [f for f in files if f.name not in present]
-    else:
-        missing = [f for f in files if not f.exists()]
+    (core.units). One listing, not a request per file."""
+    present = storage.file_sizes(folder)
+    missing = [f for f in files if f.name not in present]
     if missing:
         step = folder_step(folder) or "?"
         raise UserError(f"{folder}: {len(missing)} of the {len(files)} files its records name are gone (first: "

@@ -343,7 +343,7 @@ def file_sizes(folder: AnyPath) -> dict[str, int]:
 
 
 def sizes_of(paths: "list[AnyPath]") -> "list[int | None]":
-    """The size of each of `paths` (None where there is no such file); remote ones in one call."""
+    """The size of each of `paths` (None where there is no such file): one stat or HEAD each."""
     out: "list[int | None]" = []
     for p in paths:
         if isinstance(p, RemotePath):
