@@ -138,7 +138,7 @@ def run(cfg: CaptionsConfig, inp: str, out: str) -> dict[str, Any]:
         order="length(long_caption) DESC, long_caption ASC", distinct="long_caption",
         threads=cfg.threads, memory=cfg.memory)
     out_path = storage.path(out)
-    rd = mx.open_run(out_path, "captions", cfg, inp, files, captions=mio.fingerprint(caps), partitions=parts)
+    rd = mx.open_run(out_path, "captions", cfg, inp, files, (str(cfg.captions),), captions=mio.fingerprint(caps), partitions=parts)
     tmaps, infos = partjoin.run(rd, merge, files, caps, parts, "captions")
     t = partjoin.totals(tmaps, "rows", "used", "too_short")
     j = partjoin.totals(infos, "matched", "table_keys", "table_duplicate_keys")

@@ -38,12 +38,15 @@ LEDGER_COLUMNS = ("step", "source", "row", "key", "state", "reason", "value", "r
 FORMAT = 4
 
 
-def open_run(out: AnyPath, step: str, cfg: Any, inp: str, files: list[InputFile], **extra: Any) -> RunDir:
+def open_run(out: AnyPath, step: str, cfg: Any, inp: str, files: list[InputFile],
+             tables: tuple[str, ...] = (), **extra: Any) -> RunDir:
     """Open the output folder with everything that decides its content: settings, the input
-    fingerprint, the duckdb version (its hash() places rows into partitions) and FORMAT."""
+    fingerprint, the duckdb version (its hash() places rows into partitions) and FORMAT.
+    `tables` are further inputs read by key (join's table, the captions): the output folder may
+    not be, hold or lie inside any of them either."""
     fp = rundir.fingerprint(inp, [f.path for f in files]) if _is_folder(inp) else fingerprint_files(files)
     return RunDir.open(out, step, rundir.identity(cfg, fp, duckdb=duckdb.__version__, format=FORMAT, **extra),
-                       inputs=[inp])
+                       inputs=[inp, *tables])
 
 
 def _is_folder(inp: str) -> bool:

@@ -150,7 +150,7 @@ def run(cfg: JoinConfig, inp: str, out: str) -> dict[str, Any]:
         order="_tsrc, _trow", distinct="*", missing=cfg.missing, threads=cfg.threads, memory=cfg.memory,
         strict=cfg.duplicates == "error")
     out_path = storage.path(out)
-    rd = mx.open_run(out_path, "join", cfg, inp, files, table=mio.fingerprint(tables), partitions=parts)
+    rd = mx.open_run(out_path, "join", cfg, inp, files, (str(cfg.table),), table=mio.fingerprint(tables), partitions=parts)
     tmaps, infos = partjoin.run(rd, merge, files, tables, parts, "join")
     t = partjoin.totals(tmaps, "rows", "used")
     j = partjoin.totals(infos, "matched", "ambiguous", "table_keys", "table_duplicate_keys")

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from core.config import ConfigError, build
+from core.errors import UserError
 from curate.metadata import captions
 from curate.metadata.io import MetadataError
 from metadata_data import read_ledger, read_out, row, write
@@ -84,3 +85,12 @@ def test_config_validation():
         build(captions.CaptionsConfig, {})
     with pytest.raises(ConfigError, match="join_on must be one of"):
         build(captions.CaptionsConfig, {"captions": "x", "join_on": "md5"})
+
+
+def test_an_output_inside_the_caption_folder_is_refused(ray_local, tmp_path):
+    write(tmp_path / "in" / "a.parquet", [row("u1")])
+    _caps(tmp_path / "caps" / "c.parquet", [{"url": "u1", "caption": LONG}])
+    with pytest.raises(UserError, match=r"the output folder is inside the input .*/caps;"):
+        captions.run(captions.CaptionsConfig(captions=str(tmp_path / "caps")), str(tmp_path / "in"),
+                     str(tmp_path / "caps" / "out"))
+    assert sorted(p.name for p in (tmp_path / "caps").iterdir()) == ["c.parquet"]

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from core.config import ConfigError, build
-from core.errors import StepIncomplete
+from core.errors import StepIncomplete, UserError
 from curate.metadata import join, synth
 from curate.metadata.io import MetadataError
 from metadata_data import read_ledger, read_out, row, write
@@ -148,3 +148,13 @@ def test_a_uint64_key_matches_the_signed_hash_of_the_same_bits(ray_local, tmp_pa
     assert (stats["matched"], stats["table_unusable"]) == (200, 0)
     want = {h: float(i) for i, h in enumerate(hashes)}
     assert sorted((r["hash"], r["aesthetic_v2"]) for r in read_out(tmp_path / "out")) == sorted((h, want[h]) for h in rows)
+
+
+def test_an_output_inside_the_table_folder_is_refused(ray_local, tmp_path):
+    # the table is an input too: writing into it would delete its files as abandoned attempts
+    _meta(tmp_path)
+    write(tmp_path / "t" / "x.parquet", [{"hash": 1, "aesthetic_v2": 6.0}], SCORES)
+    for out in (tmp_path / "t", tmp_path / "t" / "out"):
+        with pytest.raises(UserError, match=r"the output folder (is|is inside) the input .*/t;"):
+            join.run(join.JoinConfig(table=str(tmp_path / "t")), str(tmp_path / "in"), str(out))
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["x.parquet"]
