@@ -110,28 +110,38 @@ def lost_outputs(rd: RunDir, infos: dict[str, dict], transient: bool = False) ->
     return lost
 
 
-def unfinished(rd: RunDir, names: Sequence[str]) -> set[str]:
+def unfinished(rd: RunDir, names: Sequence[str], known: dict[str, dict | None] | None = None) -> set[str]:
     """The units of `names` that would run now: no marker, or a marker naming a lost file
-    (inputs aside: a multi-phase step asks this of a later phase before running earlier ones)."""
+    (inputs aside: a multi-phase step asks this of a later phase before running earlier ones).
+    Each marker read (None for none) is added to `known`, to pass to that phase's `run_units`:
+    its markers are then read once, not twice (a GET each on an object store)."""
     infos = done_infos(rd, names)
+    if known is not None:
+        known.update({n: infos.get(n) for n in names})
     return (set(names) - set(infos)) | set(lost_outputs(rd, infos))
 
 
 READ_THREADS = 16  # markers read at once
 
 
-def done_infos(rd: RunDir, names: Sequence[str]) -> dict[str, dict]:
+def done_infos(rd: RunDir, names: Sequence[str], known: dict[str, dict | None] | None = None) -> dict[str, dict]:
     """The marker info of each of `names` that has a readable marker: one listing, parallel
-    reads. A damaged marker (cut, emptied) counts as none, so its unit is redone."""
-    present = set(rd.done_tasks())
-    wanted = [n for n in names if n in present]
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        found = dict(zip(wanted, pool.map(rd.read_marker, wanted)))
+    reads. A damaged marker (cut, emptied) counts as none, so its unit is redone. Names in
+    `known` (see `unfinished`) are taken from it unread: nothing has run them since."""
+    known = known or {}
+    ask = [n for n in names if n not in known]
+    found: dict[str, dict | None] = {}
+    if ask:
+        present = set(rd.done_tasks())
+        wanted = [n for n in ask if n in present]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            found = dict(zip(wanted, pool.map(rd.read_marker, wanted)))
     damaged = [n for n, info in found.items() if info is None]
     if damaged:
         _say(f"{description_of(rd)}: {len(damaged)} unreadable marker(s) (first: {rd.marker(damaged[0])}); "
              "redoing their units")
-    return {n: info for n, info in found.items() if info is not None}
+    infos = {n: known.get(n) or found.get(n) for n in names}
+    return {n: info for n, info in infos.items() if info is not None}
 
 
 def _node() -> str | None:
@@ -184,12 +194,13 @@ class _UnitActor:
 def run_units(rd: RunDir, units: Sequence[Unit], fn: Callable[..., dict], description: str,
               resources: Resources = Resources(), *, setup: Callable[..., Any] | None = None,
               setup_args: tuple = (), actors: int | None = None, executor: str = "ray",
-              transient: bool = False) -> list[dict]:
+              transient: bool = False, known: dict[str, dict | None] | None = None) -> list[dict]:
     """Run every unit not yet done (see module doc); returns each unit's marker info, in order.
+    `known`: these units' markers as `unfinished` read them earlier in this run.
     Raises StepIncomplete after all units ran if any failed."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    infos = done_infos(rd, [u.name for u in units])
+    infos = done_infos(rd, [u.name for u in units], known)
     lost = lost_outputs(rd, infos, transient)
     told = {n: why for n, why in lost.items() if not why.path.startswith(TRANSIENT)}  # consumed scratch is no news
     if told:

@@ -265,18 +265,20 @@ def _run(cfg: DedupConfig, inp: str, out: str, fuse: tuple[Step, Any, AnyPath] |
     res = Resources(cpus=cfg.threads)
     # A phase's bundles (in _work/, removed at the end) are checked only when a later phase still
     # has work: after a finished run, a part or ledger lost by hand redoes the phases before it.
-    redo3 = bool(unfinished(rd, [f"p3-{i:05d}" for i in range(len(files))]))
-    redo2 = redo3 or bool(unfinished(rd, [f"p2-{b:05d}" for b in range(buckets)]))
+    known: dict[str, dict | None] = {}  # the later phases' markers, read once
+    redo3 = bool(unfinished(rd, [f"p3-{i:05d}" for i in range(len(files))], known))
+    redo2 = redo3 or bool(unfinished(rd, [f"p2-{b:05d}" for b in range(buckets)], known))
     p1 = [Unit(f"p1-{i:05d}", (f, i, cfg, buckets, hash_type, out_path)) for i, f in enumerate(files)]
     maps = run_units(rd, p1, _partition, "dedup: partition", res, transient=redo2)
     sources = [f.path for f in files]
     p2 = [Unit(f"p2-{p.part:05d}", (p, cfg, sources, hash_type, out_path), input=p.digest())
           for p in shuffle.plan(out_path / "_work", [m["bundle"] for m in maps], buckets)]
-    reduces = run_units(rd, p2, _dedup_bucket, "dedup: buckets", res, transient=redo3)
+    reduces = run_units(rd, p2, _dedup_bucket, "dedup: buckets", res, transient=redo3, known=known)
     lists = shuffle.plan(out_path / "_work", [r["dropped"] or _EMPTY for r in reduces], len(files))
     p3 = [Unit(f"p3-{i:05d}", (f, i, cfg, columns, lists[i], out_path, tail), input=lists[i].digest())
           for i, f in enumerate(files)]
-    parts = run_units(rd, p3, _write_part, "dedup: parts" + (f" + {fuse[0].name}" if tail else ""), res)
+    parts = run_units(rd, p3, _write_part, "dedup: parts" + (f" + {fuse[0].name}" if tail else ""), res,
+                      known=known)
     storage.rmtree(out_path / "_work")  # buckets and lists are consumed; markers stay
     repaired = sum(p.get("repaired_utf8", 0) for p in parts)
     stats = [mx.finish(out_path, "dedup", files, [*reduces, *parts], key=cfg.key, buckets=buckets,

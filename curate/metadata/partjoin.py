@@ -251,7 +251,8 @@ def run(rd: RunDir, merge: Merge, files: list[mio.InputFile], tables: list[mio.I
     """Run the three phases into `rd`; returns (the table maps' infos, the partitions' infos).
     `_work` (the bundles) is removed once every partition is written."""
     out, res = rd.path, Resources(cpus=merge.threads)
-    redo = bool(unfinished(rd, [f"part-{p:05d}" for p in range(parts)]))  # then the maps' bundles are needed
+    known: dict[str, dict | None] = {}  # the partitions' markers, read once
+    redo = bool(unfinished(rd, [f"part-{p:05d}" for p in range(parts)], known))  # then the maps' bundles are needed
     tmaps = run_units(rd, [Unit(f"t-{j:05d}", (f, j, merge, parts, out)) for j, f in enumerate(tables)],
                       _map_table, f"{label}: partition the table", res, transient=redo)
     mmaps = run_units(rd, [Unit(f"m-{i:05d}", (f, i, merge, parts, out)) for i, f in enumerate(files)],
@@ -261,7 +262,7 @@ def run(rd: RunDir, merge: Merge, files: list[mio.InputFile], tables: list[mio.I
     sources = [f.path for f in files]
     units = [Unit(f"part-{p:05d}", (tplan[p], mplan[p], merge, sources, out), input=tplan[p].digest() + mplan[p].digest())
              for p in range(parts)]
-    infos = run_units(rd, units, _join, f"{label}: join", res)
+    infos = run_units(rd, units, _join, f"{label}: join", res, known=known)
     storage.rmtree(out / "_work")
     return tmaps, infos
 

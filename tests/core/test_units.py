@@ -106,3 +106,21 @@ def test_a_cut_file_or_a_damaged_marker_is_redone(tmp_path, capfd):
     assert "1 unreadable marker(s) (first: " in err and "b.json); redoing their units" in err
     assert "1 done unit(s) lost a file (first: a: a.parquet has 0 bytes, 1 when it was written)" in err
     assert _run(rd, out) == []
+
+
+def test_markers_read_by_unfinished_are_not_read_again(tmp_path, monkeypatch):
+    # a multi-phase step asks `unfinished` of a later phase, then runs it: one read per marker
+    out = str(tmp_path)
+    rd = RunDir.open(out, "t", {})
+    _run(rd, out)
+    (storage.path(out) / "c.parquet").unlink()
+    reads: list[str] = []
+    real = RunDir.read_marker
+    monkeypatch.setattr(RunDir, "read_marker", lambda self, name: reads.append(name) or real(self, name))
+    known: dict = {}
+    assert unfinished(rd, ["a", "b", "c", "d"], known) == {"c", "d"}
+    assert sorted(reads) == ["a", "b", "c"] and set(known) == {"a", "b", "c", "d"} and known["d"] is None
+    CALLS.clear()
+    run_units(rd, [*_units(out), Unit("d", (out, "d"))], _write, "test", executor="local", known=known)
+    assert sorted(CALLS) == ["c", "d"]  # the lost file's unit and the one never run
+    assert sorted(reads) == ["a", "b", "c"]  # no marker read twice
