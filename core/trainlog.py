@@ -16,9 +16,11 @@ SAMPLES = "samples"
 _SAMPLE_RE = re.compile(r"^step_(\d+)\.png$")
 
 
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_records(run_dir: str | Path, bad: list[int] | None = None) -> list[dict[str, Any]]:
     """The records of RUN/metrics.jsonl in order ([] when there is none). Only the last line
-    may be cut short (a killed run); it is dropped, any other bad line raises."""
+    may be cut short (a killed run); it is dropped, any other bad line raises, unless `bad` is
+    given: then such lines are skipped and their numbers (1-based, among non-blank lines)
+    appended to it (readers that show a damaged run rather than refuse it)."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
@@ -26,10 +28,20 @@ def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if i < len(lines) - 1:
+            if i == len(lines) - 1:
+                continue
+            if bad is None:
                 raise
+            bad.append(i + 1)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        elif bad is not None:
+            bad.append(i + 1)
+        else:
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
     return records
 
 

@@ -18,6 +18,7 @@ from curate.report.discover import Folder
 from curate.report.html import Html, code, esc, figure, join, note, table, tag
 from curate.report.images import embed_file
 
+DAMAGED_SHOWN = 5  # damaged input shards named; the rest counted
 ZOOM = 128  # check PNGs shorter than this (64 px reconstructions) are enlarged, pixels kept sharp
 
 
@@ -50,16 +51,24 @@ def _read_check(check: Folder) -> dict[str, Any]:
 
 def _one(ctx: Context, f: Folder, check: Folder | None) -> Html:
     parts = [tag("h3", join(["codes ", code(str(f.path))]))]
-    if not f.complete:
-        parts.append(note(f"{f.status()}: the manifest lists the shards finished so far.", "warn"))
+    if not f.complete and (f.path / MANIFEST).is_file():
+        parts.append(note(f"{f.status()}: the manifest lists the shards finished when it was last written.", "warn"))
+    elif not f.complete:  # a killed run: the manifest is written once every unit has run
+        return join(parts + [note(join([f"{f.status()}: no {MANIFEST} yet; rerun the same ", code("pretokenize"),
+                                        " command to finish it."]), "warn")])
     try:
         m = read_manifest(f.path)
     except CodeShardError as exc:
-        return join(parts + [note(esc(str(exc)), "error")])
+        return join(parts + [ctx.problem(f"Pretokenize: {f.path}", str(exc))])
     s = f.stats or {}
     parts.append(table(["images encoded", "failed", "resolution", "grid", "codebook", "tokenizer", "shards"],
                        [[m.num_rows, int(s.get("failed", 0)), f"{m.resolution} px", f"{m.grid[0]}×{m.grid[1]}",
                          m.codebook_size, f"{m.tokenizer.path} ({m.tokenizer.sha256[:12]})", len(m.shards)]]))
+    damaged = s.get("damaged_shards") if isinstance(s.get("damaged_shards"), dict) else {}
+    if damaged:  # the encode kept what these shards' readable samples gave; the rest is lost
+        shown = "; ".join(f"{name}: {why}" for name, why in list(damaged.items())[:DAMAGED_SHOWN])
+        more = f"; and {len(damaged) - DAMAGED_SHOWN} more" if len(damaged) > DAMAGED_SHOWN else ""
+        parts.append(note(f"{len(damaged)} damaged input shard(s), their readable samples encoded: {shown}{more}", "warn"))
     if check is None:
         return join(parts + [note(join(["No `pretokenize check` output beside this folder: run ",
                                         code(f"pretokenize check --input {f.path}"),

@@ -56,6 +56,10 @@ class Context:
         try:
             return build(*args)
         except READ_ERRORS as exc:
-            line = f"{what}: {type(exc).__name__}: {exc}"
-            self.problems.append(line)
-            return note(f"Could not read {line}", "error")
+            return self.problem(what, exc)
+
+    def problem(self, what: str, exc: BaseException | str, kind: str = "error") -> Html:
+        """A red note for the page, also a line in `problems` (the command prints them)."""
+        line = f"{what}: {exc if isinstance(exc, str) else f'{type(exc).__name__}: {exc}'}"
+        self.problems.append(line)
+        return note(f"Could not read {line}" if kind == "error" else line, kind)

@@ -12,6 +12,7 @@ under demo/. `_`-prefixed folders (bookkeeping) and `.`-folders are never search
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -41,16 +42,23 @@ class Folder:
     pipeline: str | None = None  # the `curate run` pipeline it belongs to, if any
     seconds: float | None = None  # wall time the pipeline summary records for it
     fused_into: str | None = None  # the step whose pass also ran this one (`curate run` fusion)
+    found_input: Path | None = None  # the report's own folder this step read (see `_found_inputs`)
 
     @property
     def settings(self) -> dict[str, Any]:
         return (self.config.get("config") or {}).get("settings") or {}
 
     @property
-    def input_path(self) -> Path | None:
+    def recorded_input(self) -> Path | None:
         """The folder this step read, as its _config.yaml records it (None: a plain file set)."""
         recorded = ((self.config.get("config") or {}).get("input") or {}).get("path")
         return Path(recorded) if recorded else None
+
+    @property
+    def input_path(self) -> Path | None:
+        """The folder this step read: among the folders the report was given when one is it
+        (so a moved or copied run is read where it is now), else as recorded."""
+        return self.found_input or self.recorded_input
 
     @property
     def complete(self) -> bool:
@@ -90,10 +98,42 @@ def discover(paths: list[str | os.PathLike]) -> Inventory:
         if len(inv.folders) == before:
             inv.problems.append(f"{p}: no run folder found in it (no _config.yaml, _summary.json, "
                                 f"manifest.json, metrics.jsonl or check.json)")
+    inv.problems = list(dict.fromkeys(inv.problems))  # a record read twice is one problem
     in_pipeline = [f for f in inv.folders if f.pipeline]
     loose = sorted((f for f in inv.folders if not f.pipeline), key=lambda f: (ORDER.index(f.kind), str(f.path)))
-    inv.folders = in_pipeline + loose
+    inv.folders = _found_inputs(in_pipeline + loose)
     return inv
+
+
+def _found_inputs(folders: list[Folder]) -> list[Folder]:
+    """Each folder with `found_input` set to the folder among `folders` its recorded input is:
+    the same path, else (a run moved or copied as a whole records where its input *was*) the
+    one whose path ends with the most of the recorded path's last names, if only one does."""
+    paths = [f.path for f in folders]
+    out = []
+    for f in folders:
+        recorded = f.recorded_input
+        found = None
+        if recorded is not None:
+            if recorded in paths:
+                found = recorded
+            else:
+                tails = [(_common_tail(p, recorded), p) for p in paths if p != f.path]
+                best = max((k for k, _ in tails), default=0)
+                matches = [p for k, p in tails if k == best]
+                found = matches[0] if best and len(matches) == 1 else None
+        out.append(dataclasses.replace(f, found_input=found))
+    return out
+
+
+def _common_tail(a: Path, b: Path) -> int:
+    """How many trailing path names `a` and `b` share."""
+    n = 0
+    for x, y in zip(reversed(a.parts), reversed(b.parts)):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _walk(path: Path, inv: Inventory, seen: set[str], depth: int) -> None:
@@ -101,7 +141,7 @@ def _walk(path: Path, inv: Inventory, seen: set[str], depth: int) -> None:
         return
     if (path / SUMMARY).is_file():
         _add_pipeline(path, inv, seen)
-    folder = read_folder(path)
+    folder = read_folder(path, inv.problems)
     if folder is not None:
         seen.add(_key(path))
         inv.folders.append(folder)
@@ -115,7 +155,7 @@ def _walk(path: Path, inv: Inventory, seen: set[str], depth: int) -> None:
 
 
 def _walk_check(path: Path, inv: Inventory, seen: set[str]) -> None:
-    folder = read_folder(path) if path.is_dir() else None
+    folder = read_folder(path, inv.problems) if path.is_dir() else None
     if folder is not None and _key(path) not in seen:
         seen.add(_key(path))
         inv.folders.append(folder)
@@ -123,11 +163,14 @@ def _walk_check(path: Path, inv: Inventory, seen: set[str]) -> None:
 
 def _add_pipeline(root: Path, inv: Inventory, seen: set[str]) -> None:
     """The steps a `curate run` summary lists, in its order, with their recorded times."""
-    summary = json.loads((root / SUMMARY).read_text())
+    summary = _json(root / SUMMARY, inv.problems) or {}
     name = str(summary.get("pipeline") or root.name)
-    for entry in summary.get("steps", []):
+    steps = summary.get("steps")
+    for entry in steps if isinstance(steps, list) else []:
+        if not isinstance(entry, dict):
+            continue
         path = _step_folder(root, str(entry.get("output", "")))
-        folder = read_folder(path) if path else None
+        folder = read_folder(path, inv.problems) if path else None
         if folder is None or _key(path) in seen:
             continue
         seen.add(_key(path))
@@ -139,16 +182,19 @@ def _add_pipeline(root: Path, inv: Inventory, seen: set[str]) -> None:
 
 def _step_folder(root: Path, output: str) -> Path | None:
     """A summary's `output` is as the pipeline was given (often relative to where it ran): try
-    it as it is, then as a child of the root."""
-    for candidate in (Path(output), root / Path(output).name):
+    it as a child of the root first (a moved or copied run keeps its steps beside its summary,
+    and must not be read from where it was made), then as it is."""
+    for candidate in (root / Path(output).name, Path(output)):
         if output and candidate.is_dir():
             return candidate.absolute()
     return None
 
 
-def read_folder(path: Path) -> Folder | None:
-    """The folder's own record, or None when it holds none."""
-    config = _yaml(path / CONFIG)
+def read_folder(path: Path, problems: list[str] | None = None) -> Folder | None:
+    """The folder's own record, or None when it holds none. A damaged record file is read as
+    absent, with a line in `problems`."""
+    problems = [] if problems is None else problems
+    config = _yaml(path / CONFIG, problems)
     step = str(config.get("step") or "")
     if not step:
         step = next((s for f, s in ((MANIFEST, "pretokenize"), (METRICS, "train"), (CHECK, "check"))
@@ -156,19 +202,33 @@ def read_folder(path: Path) -> Folder | None:
     kind = "train" if step.startswith("train") else step
     if kind not in ORDER:
         return None
-    stats = _json(path / STATS) if kind not in UNRECORDED else None
+    stats = _json(path / STATS, problems) if kind not in UNRECORDED else None
     return Folder(path.absolute(), kind, step, config, stats)
 
 
-def _yaml(path: Path) -> dict[str, Any]:
+def _yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+    return _record(path, problems, yaml.safe_load, "YAML") or {}
+
+
+def _json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    return _record(path, problems, json.loads, "JSON")
+
+
+def _record(path: Path, problems: list[str], parse, what: str) -> dict[str, Any] | None:
+    """A record file's mapping; None when absent, or when damaged (cut, not `what`, not a
+    mapping), which is also a line in `problems`: the report shows the folder without it."""
     if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text())
-    return data if isinstance(data, dict) else {}
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+        return None
+    try:
+        data = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        problems.append(f"{path}: damaged, not readable {what} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                        "the report leaves it out")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: damaged, a {what} {type(data).__name__} where a mapping belongs; the report leaves it out")
+        return None
+    return data
 
 
 def _count(folder: Path) -> int:

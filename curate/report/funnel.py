@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from core.ledger import LEDGER_DIR, STATES, counts
 
-from curate.report.context import Context
+from curate.report.context import READ_ERRORS, Context
 from curate.report.discover import Folder
 from curate.report.html import Html, join, note, table, tag
 from curate.report.query import sql_str
@@ -54,12 +54,15 @@ def reasons(ctx: Context, f: Folder) -> list[tuple[str, str, int]]:
 def _table(ctx: Context, folders: list[Folder]) -> Html:
     rows, scale = [], None
     for f in folders:
-        c = state_counts(f)
-        scale = scale or c["rows_in"] or 1  # bars are drawn against the first step's rows in
         step = tag("b", f.step) if f.complete else join([tag("b", f.step), tag("div", f.status(), cls="note warn")])
         seconds = f"in {f.fused_into}" if f.fused_into else ("" if f.seconds is None else f"{f.seconds:.1f}")
-        rows.append([step, c["rows_in"], *[c[s] for s in STATES], _bar(c, scale),
-                     _reason_list(reasons(ctx, f)), seconds])
+        try:
+            c, why = state_counts(f), reasons(ctx, f)
+        except READ_ERRORS as exc:  # one damaged ledger costs its own row, not the section
+            rows.append([step, "", *["" for _ in STATES], "", ctx.problem(f"Funnel: {f.path}", exc), seconds])
+            continue
+        scale = scale or c["rows_in"] or 1  # bars are drawn against the first step's rows in
+        rows.append([step, c["rows_in"], *[c[s] for s in STATES], _bar(c, scale), _reason_list(why), seconds])
     return table(["step", "rows in", *STATES, "", "dropped: reasons", "seconds"], rows)
 
 

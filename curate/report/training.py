@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from core.trainlog import read_records, sample_grids
+from core.trainlog import METRICS, read_records, sample_grids
 
 from curate.report import plots
 from curate.report.context import Context
@@ -29,11 +29,11 @@ def build(ctx: Context) -> Html:
 def _one(ctx: Context, f: Folder) -> Html:
     stage = (f.config.get("config") or {}).get("stage") or {}
     parts = [tag("h3", join([f"{f.step} ", code(str(f.path))]))]
-    try:
-        records = [r for r in read_records(f.path) if isinstance(r.get("loss"), (int, float))]
-    except ValueError as exc:
-        records = []
-        parts.append(note(esc(f"metrics.jsonl is damaged: {exc}"), "error"))
+    bad: list[int] = []
+    records = [r for r in read_records(f.path, bad) if isinstance(r.get("loss"), (int, float))]
+    if bad:  # the curve is drawn from the lines that read
+        parts.append(ctx.problem(f"Training: {f.path / METRICS}",
+                                 f"{len(bad)} damaged line(s) (first: line {bad[0]}) left out of the loss curve", "warn"))
     parts.append(_summary(records, stage))
     if records:
         steps = [r["step"] for r in records]

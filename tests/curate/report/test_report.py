@@ -194,3 +194,70 @@ def test_text_is_escaped() -> None:
     assert Html("<p>") + "<x>" == "<p>&lt;x&gt;" and isinstance(Html("a") + "b", Html)
     assert esc(Html("<i>")) == "<i>"
 
+
+
+def test_a_copied_run_is_read_where_it_is_not_where_it_was_made(chain, tmp_path) -> None:
+    # the original stays in place: a copy's summary and configs name the original's folders
+    copy = tmp_path / "copy"
+    shutil.copytree(chain["root"], copy)
+    inv = discover([copy])
+    assert len(inv.folders) == len(discover([chain["root"]]).folders)
+    assert all(f.path.is_relative_to(copy) for f in inv.folders)
+    neardup, score = inv.of("neardup")[0], inv.of("score")[0]
+    assert neardup.input_path == score.input_path == copy / "web" / "download"
+    assert inv.of("filter")[0].input_path == copy / "meta" / "dedup"
+    html = section(build_report(ReportConfig(), [copy], tmp_path / "r.html") and (tmp_path / "r.html").read_text(),
+                   "neardup")
+    assert 'class="dropped"' in html  # the pictures were read from the copy's shards
+
+
+@pytest.mark.parametrize("name,text", [("_stats.json", '{"rows_in": 3'), ("_stats.json", "[]"),
+                                       ("_config.yaml", "step: [filter"), ("_summary.json", "{")])
+def test_a_damaged_record_file_is_a_warning_not_a_traceback(chain, tmp_path, name, text) -> None:
+    from curate.cli import app
+
+    root = tmp_path / "run"
+    shutil.copytree(chain["meta"], root / "meta")
+    target = root / "meta" / (name if name == "_summary.json" else f"filter/{name}")
+    target.write_text(text)
+    res = CliRunner().invoke(app, ["report", str(root), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {target}: damaged" in " ".join(res.output.split())
+    assert f"{target}: damaged" in section((tmp_path / "r.html").read_text(), "folders")
+
+
+def test_a_damaged_ledger_costs_its_own_funnel_row_only(chain, tmp_path) -> None:
+    root = tmp_path / "run"
+    shutil.copytree(chain["meta"], root / "meta")
+    (root / "meta" / "filter" / "_stats.json").unlink()  # unfinished: the funnel counts its ledger
+    next((root / "meta" / "filter" / "_ledger").glob("*.parquet")).write_bytes(b"not parquet")
+    done = build_report(ReportConfig(), [root], tmp_path / "r.html")
+    funnel = section((tmp_path / "r.html").read_text(), "funnel")
+    assert "Could not read Funnel:" in funnel and funnel.count("<tr>") == 4  # head + dedup, filter, captions
+    assert [p.split(":")[0] for p in done["problems"]] == ["Funnel"]
+
+
+def test_damaged_metrics_lines_are_left_out_of_the_curve_and_named(chain, tmp_path) -> None:
+    run = tmp_path / "train"
+    shutil.copytree(chain["train"], run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    done = build_report(ReportConfig(), [run], tmp_path / "r.html")
+    train = section((tmp_path / "r.html").read_text(), "training")
+    assert 'alt="loss curve"' in train and "1 damaged line(s) (first: line 2)" in train
+    assert len(done["problems"]) == 1 and "metrics.jsonl" in done["problems"][0]
+
+
+def test_damaged_input_shards_and_a_killed_pretokenize_are_said(chain, tmp_path) -> None:
+    codes = tmp_path / "codes"
+    shutil.copytree(chain["codes"], codes)
+    stats = json.loads((codes / "_stats.json").read_text())
+    (codes / "_stats.json").write_text(json.dumps({**stats, "damaged_shards": {"00001": "cut short"}}))
+    build_report(ReportConfig(), [codes], tmp_path / "r.html")
+    assert "1 damaged input shard(s), their readable samples encoded: 00001: cut short" in \
+        section((tmp_path / "r.html").read_text(), "pretokenize")
+    (codes / "_stats.json").unlink()
+    (codes / "manifest.json").unlink()  # as a run killed before its units all ran leaves it
+    done = build_report(ReportConfig(), [codes], tmp_path / "r.html")
+    pre = section((tmp_path / "r.html").read_text(), "pretokenize")
+    assert "no manifest.json yet; rerun the same" in pre and "lists the shards" not in pre and not done["problems"]
