@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
@@ -81,8 +82,13 @@ class RunDir:
         resolved = to_dict(identity)
         digest = config_hash({"step": step, "config": resolved})
         cfg_file = path / CONFIG
-        if cfg_file.exists():
-            old = _read_yaml(cfg_file)
+        old = _read_yaml(cfg_file) if cfg_file.exists() else None
+        if old is not None and old.get("hash") != digest and own_folder and _holds_no_output(path):
+            # e.g. a run that failed on a bad tokenizer before its first unit: nothing to keep
+            print(f"{path}: no unit of the earlier run (other settings) finished here; starting it afresh "
+                  "with these settings", file=sys.stderr)
+            old = None
+        if old is not None:
             if old.get("hash") != digest:
                 raise ConfigMismatchError(_mismatch_message(path, step, old, resolved))
         else:
@@ -148,6 +154,11 @@ def _check_own(path: AnyPath, step: str, inputs: Iterable[str | os.PathLike]) ->
         raise UserError(f"{path}: exists and holds files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
                         f"but is no step's output folder (no {CONFIG}); `{step}` would delete data files it did not "
                         "write there: give a new or empty folder")
+
+
+def _holds_no_output(path: AnyPath) -> bool:
+    """No unit finished in this step folder: no `_done` marker, no completion record."""
+    return not (path / STATS).exists() and not any((path / DONE).glob("*.json"))
 
 
 def read_marker(path: AnyPath) -> dict[str, Any] | None:

@@ -71,6 +71,13 @@ def main(
     ledger.print_counts(stats, console)
     for name, why in stats.get("damaged_shards", {}).items():
         console.print(f"[yellow]warning:[/yellow] shard {name} is damaged ({why}); its readable samples were kept")
+    if stats.get("sizes_corrected"):
+        console.print(f"[yellow]warning:[/yellow] {stats['sizes_corrected']:,} kept image(s) had an original size in "
+                      "their .json that does not fit the image (EXIF-turned, or wrong); their micro-conditions use the "
+                      "corrected size, and the ledger names them (reason orig_size_rotated or orig_size_mismatch)")
+    if not stats["kept"] and stats.get("too_small"):
+        console.print(f"[yellow]warning:[/yellow] no image was encoded: {stats['too_small']:,} were smaller than "
+                      f"--res {cfg.res} (ledger reason too_small); give a smaller --res, or --allow-upscale")
     console.print(f"wrote {stats['kept']:,} code rows ({stats['grid'][0]}x{stats['grid'][1]} tokens) to {output}")
 
 

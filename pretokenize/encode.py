@@ -74,7 +74,8 @@ class ShardWriter:
         }
         for name, value in values.items():
             self.cols[name].append(value)
-        self.records.append({"row": row, "key": sample.key, "state": "kept"})
+        note = {"reason": prep.note[0], "value": prep.note[1]} if prep.note else {}
+        self.records.append({"row": row, "key": sample.key, "state": "kept", **note})
 
     def drop(self, row: int, key: str, state: str, reason: str, value: str | None = None) -> None:
         self.records.append({"row": row, "key": key, "state": state, "reason": reason, "value": value})
@@ -188,6 +189,8 @@ def _finish(out: AnyPath, tar: AnyPath, stem: str, writer: ShardWriter, report: 
         "files": ([shard_info["name"]] if shard_info else []) + [f"{ledger.LEDGER_DIR}/{stem}.parquet"],
         "damaged": report.damaged, "refused": len(report.refused), "lost": len(report.lost),
         "duplicates": len(report.duplicates),
+        "sizes_corrected": sum(r["state"] == "kept" and bool(r.get("reason")) for r in writer.records),
+        "too_small": sum(r.get("reason") == "too_small" for r in writer.records),
         "bad_members": [list(b) for b in report.bad_members],
         "seconds": round(seconds, 3), "images_per_s": round(kept / seconds, 2) if seconds > 0 else None,
     }

@@ -43,6 +43,7 @@ class Plan:
     crop: tuple[int, int]  # (top, left) of the res x res crop in `frame`
     orig: tuple[int, int]  # (w, h) of the original image
     micro_crop: tuple[int, int]  # (top, left) recorded: in the original's res frame
+    note: tuple[str, str] | None = None  # (ledger reason, value) when the recorded original size was not used as given
 
 
 def resized_size(w: int, h: int, res: int) -> tuple[int, int]:
@@ -96,8 +97,11 @@ def plan(stored: tuple[int, int], orig: tuple[int, int] | None, res: int, declar
          crop: str = "center", seed: int = 0, allow_upscale: bool = False) -> Plan:
     """The crop of a stored image of size `stored` whose original was `orig` (None: unknown,
     the stored image is taken as the original)."""
-    orig = orig or stored
+    orig, note = trusted_original(stored, orig or stored)
     mode = source_of(stored, orig, declared)
+    if mode == "rescale" and not same_aspect(stored, orig):  # no download mode makes this image of that original
+        orig, note = stored, ("orig_size_mismatch", f"original {orig[0]}x{orig[1]} recorded, image {stored[0]}x{stored[1]}: "
+                                                    "taken as its own original")
     if mode == "center_crop":
         return _center_crop_plan(stored, orig, res, allow_upscale)
     content = border_content(stored, orig) if mode == "border" else (0, 0, *stored)
@@ -106,7 +110,18 @@ def plan(stored: tuple[int, int], orig: tuple[int, int] | None, res: int, declar
         raise TooSmall(f"shorter side {need} < {res} (original {orig[0]}x{orig[1]}, stored {stored[0]}x{stored[1]})")
     frame = resized_size(*orig, res)
     top, left = crop_offsets(*frame, res, crop, seed)
-    return Plan(content, frame, (top, left), orig, (top, left))
+    return Plan(content, frame, (top, left), orig, (top, left), note)
+
+
+def trusted_original(stored: tuple[int, int], orig: tuple[int, int]) -> tuple[tuple[int, int], tuple[str, str] | None]:
+    """The recorded original size, turned when the stored image is the original turned upright:
+    the decoder applies EXIF orientation, while img2dataset (OpenCV, unchanged mode) records the
+    size before it. (A non-square image whose sides match the original's swapped.)"""
+    if stored[0] != stored[1] and not same_aspect(stored, orig) and same_aspect(stored, orig[::-1]):
+        turned = (orig[1], orig[0])
+        return turned, ("orig_size_rotated", f"original {orig[0]}x{orig[1]} recorded, image {stored[0]}x{stored[1]} "
+                                             "(EXIF orientation): taken as turned")
+    return orig, None
 
 
 def _center_crop_plan(stored: tuple[int, int], orig: tuple[int, int], res: int, allow_upscale: bool) -> Plan:

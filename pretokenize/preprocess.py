@@ -36,6 +36,7 @@ class Prepared:
     orig_h: int
     crop_top: int  # crop offset in the original resized to shorter side = res
     crop_left: int
+    note: tuple[str, str] | None = None  # (ledger reason, value): the recorded original size was corrected
 
 
 def crop_seed(base_seed: int, shard: str, key: str) -> int:
@@ -54,7 +55,7 @@ def cut(img: Image.Image, plan: geometry.Plan, res: int) -> Prepared:
         img = img.resize(plan.frame, Image.BILINEAR)
     t, lft = plan.crop
     pixels = np.asarray(img.crop((lft, t, lft + res, t + res)), dtype=np.uint8)
-    return Prepared(pixels, *plan.orig, *plan.micro_crop)
+    return Prepared(pixels, *plan.orig, *plan.micro_crop, plan.note)
 
 
 def prepare(data: bytes, res: int, mode: str = "center", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -217,6 +217,8 @@ def finish(cfg: PretokenizeConfig, rd: RunDir, tars: list[AnyPath], tok: codesha
         damaged_shards=damaged, refused_members=sum(int(i.get("refused", 0)) for i in infos.values()),
         lost_samples=sum(int(i.get("lost", 0)) for i in infos.values()),
         bad_members=sum(len(i.get("bad_members", [])) for i in infos.values()),
+        sizes_corrected=sum(int(i.get("sizes_corrected", 0)) for i in infos.values()),
+        too_small=sum(int(i.get("too_small", 0)) for i in infos.values()),
         resolution=cfg.res, grid=list(grid), tokens=grid[0] * grid[1] * kept,
         encode_seconds=round(secs, 2),
     )

@@ -23,7 +23,7 @@ def test_open_writes_config_and_reopens(tmp_path):
 
 
 def test_different_config_or_step_is_refused_with_the_difference(tmp_path):
-    RunDir.open(tmp_path, "filter", {"aesthetic": 4.5, "inner": {"a": 1}})
+    RunDir.open(tmp_path, "filter", {"aesthetic": 4.5, "inner": {"a": 1}}).mark_done("t0")
     with pytest.raises(ConfigMismatchError) as err:
         RunDir.open(tmp_path, "filter", {"aesthetic": 5.0, "inner": {"a": 2}})
     msg = str(err.value)
@@ -64,6 +64,7 @@ def test_identity_leaves_out_execution_fields_and_names_input_changes(tmp_path):
     ident = rundir.identity(_Cfg(threads=8), fp)
     assert ident["settings"] == {"threshold": 4.5} and ident["input"]["files"] == 1
     rd = RunDir.open(tmp_path / "out", "filter", ident)
+    rd.mark_done("t0")
     assert RunDir.open(tmp_path / "out", "filter", rundir.identity(_Cfg(threads=2), fp)).hash == rd.hash
     (inp / "a.parquet").write_bytes(b"12345")  # the input changed: refused, saying it is the input
     changed = rundir.identity(_Cfg(), rundir.fingerprint(inp, [inp / "a.parquet"]))
@@ -158,3 +159,18 @@ def test_an_output_folder_a_step_must_not_write_into_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         RunDir.open(tmp_path / "afile" / "sub", "dedup", {})
+
+
+def test_a_folder_where_no_unit_finished_takes_new_settings(tmp_path, capfd):
+    # e.g. pretokenize stopped by a bad tokenizer before its first shard: the fixed rerun may go on
+    RunDir.open(tmp_path / "out", "pretokenize", {"vq_sha256": "e3b0"})
+    rd = RunDir.open(tmp_path / "out", "pretokenize", {"vq_sha256": "4db7"})
+    assert "no unit of the earlier run (other settings) finished here" in capfd.readouterr().err
+    assert yaml.safe_load((tmp_path / "out" / "_config.yaml").read_text())["config"] == {"vq_sha256": "4db7"}
+    rd.mark_done("00000")  # now it holds output: other settings are refused again
+    with pytest.raises(ConfigMismatchError, match="vq_sha256"):
+        RunDir.open(tmp_path / "out", "pretokenize", {"vq_sha256": "e3b0"})
+    # a run folder the trainer keeps (checkpoints, no markers) never takes other settings
+    RunDir.open(tmp_path / "train", "train.debug", {"lr": 1}, own_folder=False)
+    with pytest.raises(ConfigMismatchError, match="lr"):
+        RunDir.open(tmp_path / "train", "train.debug", {"lr": 2}, own_folder=False)

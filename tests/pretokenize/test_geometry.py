@@ -92,3 +92,26 @@ def test_source_inference_without_a_record():
     assert G.source_of((128, 128), (1024, 768), "auto") == "center_crop"  # img2dataset's square output
     assert G.source_of((128, 128), (1024, 768), "border") == "border"
     assert G.source_of((300, 200), (300, 200), "center_crop") == "rescale"  # left at its own size
+
+
+def test_an_exif_turned_image_keeps_its_shape_and_a_wrong_size_is_not_trusted():
+    # img2dataset records the size before EXIF orientation; the decoder turns the image upright
+    upright = original(96, 160)
+    buf = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", exif=_orientation(6), quality=95)
+    prep = P.prepare(buf.getvalue(), RES, orig=(160, 96))  # the .json: 160x96, as stored before turning
+    assert (prep.orig_w, prep.orig_h) == (96, 160) and prep.note[0] == "orig_size_rotated"
+    want = upstream(upright, RES, prep.crop_top, prep.crop_left)
+    assert np.abs(prep.pixels.astype(np.float64) - want).mean() < 3  # not squashed into a 106x64 frame
+    # a size no download mode makes this image from: the image is its own original, and it is said
+    for orig in ((80, 96), (2_000_000_000, 96), (200_000, 96)):
+        plan = G.plan((160, 96), orig, RES)
+        assert plan.orig == (160, 96) and plan.frame == (106, 64) and plan.note[0] == "orig_size_mismatch"
+    assert G.plan((160, 96), (1600, 960), RES).note is None  # a plain rescale
+    assert G.plan((128, 128), (1024, 768), RES).note is None  # img2dataset's center crop
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()

@@ -2,6 +2,7 @@
 Ray, actors), `pretokenize check ...`, `pretokenize fit-vq ...`, and user errors (exit 2)."""
 from __future__ import annotations
 
+import io
 import json
 
 from PIL import Image
@@ -86,3 +87,32 @@ def test_the_driver_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_corrected_original_sizes_and_an_all_too_small_run_are_said(tmp_path, vq_dir):
+    import pyarrow.parquet as pq
+
+    from core.imageshard import Sample, write_shard
+
+    def png_of(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (200, 40, 40)).save(buf, "PNG")
+        return buf.getvalue()
+
+    src = tmp_path / "in"
+    src.mkdir()
+    metas = [{"original_width": 240, "original_height": 160},  # a plain rescale of this 48x32 image
+             {"original_width": 160, "original_height": 240},  # turned: the image is upright
+             {"original_width": 2_000_000_000, "original_height": 32}]  # no download makes this image
+    write_shard(src / "00000.tar", [Sample(f"0000000{i}", png_of(48, 32), "png", "c", m) for i, m in enumerate(metas)])
+    out = tmp_path / "codes"
+    result = runner.invoke(app, ["--res", str(RES), "-i", str(src), "-o", str(out), "--vq", str(vq_dir),
+                                 "--executor", "local"])
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 kept image(s) had an original size in their .json that does not fit" in flat(result)
+    rows = pq.read_table(out / "_ledger" / "00000.parquet").to_pylist()
+    assert [(r["state"], r["reason"]) for r in rows] == [("kept", None), ("kept", "orig_size_rotated"),
+                                                          ("kept", "orig_size_mismatch")]
+    result = runner.invoke(app, ["--res", "64", "-i", str(src), "-o", str(tmp_path / "big"), "--vq", str(vq_dir),
+                                 "--executor", "local"])
+    assert result.exit_code == 0 and "no image was encoded: 3 were smaller than --res 64" in flat(result)

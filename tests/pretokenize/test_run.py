@@ -200,3 +200,15 @@ def test_a_lost_code_shard_or_ledger_is_redone_by_a_rerun(tmp_path, shards, vq_d
         k: v for k, v in first.items() if not k.endswith("_seconds")}
     assert (out / "_done" / "00000.json").stat().st_mtime_ns == kept_marker
     assert np.array_equal(CodeDataset(out).codes(np.arange(13)), before)
+
+
+def test_a_bad_tokenizer_leaves_no_folder_that_blocks_the_fixed_rerun(tmp_path, shards, vq_dir):
+    import shutil
+
+    bad = tmp_path / "vq"
+    shutil.copytree(vq_dir, bad)
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(VQError, match="unreadable safetensors"):
+        run(cfg_for(bad), shards, tmp_path / "o")
+    shutil.copy(vq_dir / "diffusion_pytorch_model.safetensors", bad)  # fixed: other weights, same folder
+    assert run(cfg_for(bad), shards, tmp_path / "o")["kept"] == 13
