@@ -309,7 +309,7 @@ class CodeDataset:
             size = path.stat().st_size  # free; catches a cut or rewritten shard before Arrow reads it
             if size != info.bytes:
                 raise CodeShardError(f"{path}: {size} bytes, the manifest says {info.bytes}: the shard was cut "
-                                     f"short or rewritten; re-run pretokenize into a new folder")
+                                     f"short or rewritten; rerun the same `pretokenize` command, which redoes it")
             if verify_checksums and file_sha256(path) != info.sha256:
                 raise CodeShardError(f"{path}: checksum differs from the manifest")
             shard = CodeShard(path)

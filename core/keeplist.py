@@ -44,13 +44,25 @@ def check(path: str | os.PathLike) -> None:
     """Fail with a clear message unless `path` is a readable keep list."""
     try:
         with storage.parquet_file(path) as f:
-            names = f.schema_arrow.names
+            schema = f.schema_arrow
+        names = schema.names
     except FileNotFoundError:
         raise UserError(f"keep list not found: {path}") from None
     except (OSError, pa.ArrowInvalid) as exc:
         raise UserError(f"keep list {path}: not a readable parquet file ({exc})") from exc
     if not {"key", "shard"} <= set(names):
         raise UserError(f"keep list {path}: needs `key` and `shard` columns, has {', '.join(names)}")
+    for name in ("key", "shard"):  # a number would lose the keys' leading zeros ('000010002')
+        typ = schema.field(name).type
+        if not _is_text(typ):
+            raise UserError(f"keep list {path}: column `{name}` is {typ}, must be text (sample keys and shard "
+                            "names as img2dataset writes them, e.g. key '000010002', shard '00001.tar')")
+
+
+def _is_text(typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)
 
 
 def canonical(path: str | os.PathLike, folder: str | os.PathLike) -> str:

@@ -100,8 +100,8 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], weights:
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         detail = "; ".join(
-            f"{label} {len(keys)} (e.g. {keys[0]})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            f"{len(keys)} {label} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong))
             if keys
         )
         raise VQError(f"{weights}: weights do not fit {CONFIG_FILE}: {detail}")

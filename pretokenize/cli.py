@@ -70,7 +70,8 @@ def main(
         stats = run(cfg, input, output, ray_address(address, C.load_yaml(config)))
     ledger.print_counts(stats, console)
     for name, why in stats.get("damaged_shards", {}).items():
-        console.print(f"[yellow]warning:[/yellow] shard {name} is damaged ({why}); its readable samples were kept")
+        console.print(f"[yellow]warning:[/yellow] shard {name} is damaged ({why}); its readable samples, if any, "
+                      "were kept (the ledger has a row for each)")
     if stats.get("sizes_corrected"):
         console.print(f"[yellow]warning:[/yellow] {stats['sizes_corrected']:,} kept image(s) had an original size in "
                       "their .json that does not fit the image (EXIF-turned, or wrong); their micro-conditions use the "

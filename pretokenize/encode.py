@@ -172,10 +172,13 @@ def encode_shard(
 def _finish(out: AnyPath, tar: AnyPath, stem: str, writer: ShardWriter, report: ReadReport,
             keep: frozenset[str] | None, seconds: float) -> dict[str, Any]:
     """Write the code shard, then the ledger part (the runner writes the marker last)."""
+    # every tar member is a row here (a key off the keep list is `not_in_keep_list`), so its later
+    # copies are too; a sample the tar lost is a row only if the keep list still wanted it
     unread = [(k, kind, why) for k, kind, why in report.unread()
-              if kind == "refused_member" or keep is None or k in keep]
+              if kind != "lost_from_tar" or keep is None or k in keep]
+    first = len(writer.records)  # rows number the samples read, then these: no gap for skipped copies
     for j, (key, kind, why) in enumerate(unread):
-        writer.drop(report.samples + j, key, "failed", kind, why)
+        writer.drop(first + j, key, "failed", kind, why)
     shard_info = None
     if writer.codes:
         codes = np.concatenate(writer.codes)  # (N, h*w)

@@ -89,21 +89,38 @@ class FitVQConfig:
         return max(1, self.batch_size * self.crop ** 2 // self.res ** 2), self.res
 
 
-def load_images(input: str | os.PathLike, res: int, limit: int) -> list[np.ndarray]:
-    """Up to `limit` images from the shards, each resized to shorter side = res, (H, W, 3) uint8.
+MAX_ASPECT = 4  # a longer side beyond this many times the shorter is cut to it (centred)
+
+
+def load_images(input: str | os.PathLike, res: int, limit: int,
+                skipped: dict[str, int] | None = None) -> list[np.ndarray]:
+    """Up to `limit` images from the shards, each resized to shorter side = res and its longer
+    side cut to at most MAX_ASPECT * res (centred), (H, W, 3) uint8. Images that do not decode,
+    or whose shorter side is under `res` (they would be upscaled), are left out and counted in
+    `skipped` ("undecodable", "too_small").
 
     Taken in (shard, key) order, not tar order: img2dataset writes samples as its download
     threads finish them, so the same set of images arrives in a different order on each run,
     and the seeded fit would see different images (seen: two `make demo` runs, two VQs). One
     shard's encoded bytes are held at a time to sort them."""
     out: list[np.ndarray] = []
+    skipped = {} if skipped is None else skipped
     for tar in list_shards(input):
         encoded = sorted((sample.key, sample.image) for sample in iter_shard(tar) if sample.image is not None)
         for _, data in encoded:
             try:
                 img = decode_rgb(data)
-            except Exception:  # skip undecodable images: fitting needs only enough good ones
+            except Exception:  # fitting needs only enough good images: counted, not fatal
+                skipped["undecodable"] = skipped.get("undecodable", 0) + 1
                 continue
+            if min(img.size) < res:
+                skipped["too_small"] = skipped.get("too_small", 0) + 1
+                continue
+            w, h = img.size
+            side = min(w, h) * MAX_ASPECT  # cut before resizing: a 20000x10 strip never becomes 128000x64
+            if max(w, h) > side:
+                left, top = (w - min(w, side)) // 2, (h - min(h, side)) // 2
+                img = img.crop((left, top, left + min(w, side), top + min(h, side)))
             out.append(np.asarray(img.resize(resized_size(*img.size, res), 2)))  # 2 = BILINEAR
             if len(out) >= limit:
                 return out
@@ -227,18 +244,25 @@ def build_fit_model(cfg: FitVQConfig):
 def fit_vq(cfg: FitVQConfig, input: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
     """Fit, evaluate on held-out images, save to `output` (a new folder); returns the fit report."""
     output = Path(output)
+    above = next((p for p in (output, *output.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{output}: cannot be the VQ folder: {above} is a file")
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output}: exists and is not empty; remove it or choose another --output")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     wall, cpu = time.perf_counter(), time.process_time()
-    images = [im for im in load_images(input, cfg.res, cfg.max_images) if min(im.shape[:2]) >= cfg.res]
+    skipped: dict[str, int] = {}
+    images = load_images(input, cfg.res, cfg.max_images, skipped)
     if len(images) < 2:
-        raise FileNotFoundError(f"{input}: fewer than 2 decodable images of >= {cfg.res} px to fit a VQ on")
+        left_out = f" ({', '.join(f'{n} {why}' for why, n in skipped.items())} left out)" if skipped else ""
+        raise UserError(f"{input}: fewer than 2 decodable images with a shorter side of >= {cfg.res} px to fit "
+                        f"a VQ on{left_out}; give more images or a smaller --res")
     fit, held = split_holdout(images, cfg.holdout)
     vq, loss, restarted = fit_loop(cfg, fit)
     report = evaluate(vq.eval().requires_grad_(False), held or fit[:64], cfg.res)
-    report.update(steps=cfg.steps, images=len(fit), held_out_images=len(held), restarted_codes=restarted,
+    report.update(steps=cfg.steps, images=len(fit), held_out_images=len(held), skipped_images=skipped,
+                  restarted_codes=restarted,
                   final_loss=loss, seconds=round(time.perf_counter() - wall, 1),
                   cpu_seconds=round(time.process_time() - cpu, 1), threads=torch.get_num_threads())
     save_folder(vq, report, output)

@@ -41,9 +41,10 @@ SECTIONS: list[tuple[str, str, Callable[[Context], Html]]] = [
 def build_report(cfg: ReportConfig, paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Write the report of the run folders in or below `paths` to `out`; returns what it did."""
     start = time.perf_counter()
+    _check_output(Path(out))
     inv = discover(paths)
     if not inv.folders:
-        raise UserError("no run folder found: " + "; ".join(inv.problems))
+        raise UserError("; ".join(inv.problems))
     con = connect(cfg.threads, cfg.memory)
     con.execute("SET enable_progress_bar = false")
     ctx = Context(cfg, inv, con)
@@ -58,7 +59,19 @@ def build_report(cfg: ReportConfig, paths: list[str | os.PathLike], out: str | o
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = f"{len(inv.folders)} run folders from {', '.join(map(str, paths))} · made {when} by curate report"
     text = page("Tessera run report", subtitle, sections)
-    atomic.write_text(out, text)
+    try:
+        atomic.write_text(out, text)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the page ({exc.strerror or exc})") from None
     return {"path": str(Path(out)), "bytes": len(text.encode()), "seconds": round(time.perf_counter() - start, 3),
             "sections": [s.id for s in sections], "section_seconds": timings, "folders": [str(f.path) for f in inv.folders],
             "problems": inv.problems + ctx.problems}
+
+
+def _check_output(out: Path) -> None:
+    """Refuse, before any work, an output that is a folder or lies under a file."""
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; -o names the HTML file to write, e.g. {out / 'report.html'}")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{out}: cannot be written: {above} is a file")

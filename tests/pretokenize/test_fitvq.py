@@ -36,7 +36,10 @@ def test_default_recipe_runs(tmp_path, shards):
     report = fit_vq(cfg, shards, tmp_path / "vq")
     vq = load_vq(tmp_path / "vq")
     assert vq.config.num_vq_embeddings == 256 and encode_codes(vq, torch.rand(1, 3, 64, 64)).shape == (1, 16, 16)
-    assert report["held_out_images"] == 3 and report["steps"] == 3 and report["cpu_seconds"] > 0
+    assert report["steps"] == 3 and report["cpu_seconds"] > 0
+    # the fixture's images are 16-48 px: those under 64 px are not upscaled into the fit
+    assert report["images"] + report["held_out_images"] + sum(report["skipped_images"].values()) == 14
+    assert report["skipped_images"]["undecodable"] == 1 and report["skipped_images"]["too_small"] > 0
 
 
 def test_refuses_a_non_empty_output(tmp_path, shards):
@@ -114,3 +117,30 @@ def test_images_load_in_key_order_whatever_the_tar_order(tmp_path, shards):
         write_shard(tmp_path / "shuffled" / tar.name, samples[::-1])
     a, b = load_images(shards, 16, 100), load_images(tmp_path / "shuffled", 16, 100)
     assert len(a) == len(b) > 2 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_images_too_small_or_undecodable_are_left_out_and_strips_cut(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from core.imageshard import Sample, write_shard
+    from pretokenize.fitvq import MAX_ASPECT, load_images
+
+    def png(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (10, 200, 30)).save(buf, "PNG")
+        return buf.getvalue()
+
+    sizes = [(1, 1), (8, 8), (2000, 16), (40, 20), (16, 16)]
+    samples = [Sample(f"{i:09d}", png(w, h), "png", "c", {}) for i, (w, h) in enumerate(sizes)]
+    write_shard(tmp_path / "in" / "00000.tar", [*samples, Sample("000000009", b"not an image", "jpg", "c", {})])
+    skipped: dict[str, int] = {}
+    images = load_images(tmp_path / "in", 16, 100, skipped)
+    assert skipped == {"too_small": 2, "undecodable": 1}  # 1x1 and 8x8 are not upscaled
+    assert [im.shape for im in images] == [(16, 16 * MAX_ASPECT, 3), (16, 32, 3), (16, 16, 3)]  # the strip cut
+    with pytest.raises(UserError, match=r"fewer than 2 decodable images .* \(5 too_small, 1 undecodable left out\)"):
+        fit_vq(FitVQConfig(res=64, crop=32), tmp_path / "in", tmp_path / "vq")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        fit_vq(FitVQConfig(), tmp_path / "in", tmp_path / "file" / "vq")

@@ -212,3 +212,23 @@ def test_a_bad_tokenizer_leaves_no_folder_that_blocks_the_fixed_rerun(tmp_path, 
         run(cfg_for(bad), shards, tmp_path / "o")
     shutil.copy(vq_dir / "diffusion_pytorch_model.safetensors", bad)  # fixed: other weights, same folder
     assert run(cfg_for(bad), shards, tmp_path / "o")["kept"] == 13
+
+
+def test_keep_list_types_and_duplicates_off_the_list(tmp_path, vq_dir, shard_maker):
+    from core.errors import UserError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = shard_maker(tmp_path, 0, 3, seed=5)
+    members = [(f"{s.key}.{s.image_ext}", s.image) for s in good] + [(f"{good[1].key}.{good[1].image_ext}", good[1].image)]
+    _raw_tar(src / "00000.tar", members)  # key 1 twice, and key 1 is off the keep list
+    keep = tmp_path / "keep.parquet"
+    pq.write_table(pa.table({"key": [good[0].key], "shard": ["00000.tar"]}), keep)
+    stats = run(cfg_for(vq_dir, keep_list=str(keep)), src, tmp_path / "codes")
+    rows = sorted((r["row"], r["key"], r["state"], r["reason"]) for r in ledger_rows(tmp_path / "codes"))
+    assert rows == [(0, good[0].key, "kept", None), (1, good[1].key, "filtered", "not_in_keep_list"),
+                    (2, good[2].key, "filtered", "not_in_keep_list"), (3, good[1].key, "failed", "duplicate_key")]
+    assert stats["rows_in"] == 4
+    pq.write_table(pa.table({"key": [1], "shard": [0]}), keep)  # numbers lose the keys' leading zeros
+    with pytest.raises(UserError, match="column `key` is int64, must be text"):
+        run(cfg_for(vq_dir, keep_list=str(keep)), src, tmp_path / "codes2")

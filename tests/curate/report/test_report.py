@@ -163,7 +163,10 @@ def test_cli_writes_the_page_and_refuses_a_folder_without_records(chain, tmp_pat
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and out.stat().st_size > 1000
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nothing-here"), "-o", str(out)])
-    assert res.exit_code == 2 and "no run folder found" in res.output
+    assert res.exit_code == 2 and f"{tmp_path / 'nothing-here'}: not a folder" in " ".join(res.output.split())
+    (tmp_path / "plain").mkdir()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "plain"), "-o", str(out)])
+    assert res.exit_code == 2 and " ".join(res.output.split()).count("no run folder found") == 1
 
 
 def test_config_is_checked() -> None:
@@ -261,3 +264,13 @@ def test_damaged_input_shards_and_a_killed_pretokenize_are_said(chain, tmp_path)
     done = build_report(ReportConfig(), [codes], tmp_path / "r.html")
     pre = section((tmp_path / "r.html").read_text(), "pretokenize")
     assert "no manifest.json yet; rerun the same" in pre and "lists the shards" not in pre and not done["problems"]
+
+
+def test_an_output_that_is_a_folder_or_under_a_file_is_one_line(chain, tmp_path) -> None:
+    from curate.cli import app
+
+    (tmp_path / "f").write_text("x")
+    for out, says in ((tmp_path, "is a folder; -o names the HTML file to write"),
+                      (tmp_path / "f" / "r.html", f"cannot be written: {tmp_path / 'f'} is a file")):
+        res = CliRunner().invoke(app, ["report", str(chain["train"]), "-o", str(out)])
+        assert res.exit_code == 2 and says in " ".join(res.output.split()) and "Traceback" not in res.output
