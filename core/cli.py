@@ -1,6 +1,7 @@
 """What every command of the three CLIs (`curate`, `pretokenize`, `train`) shares.
 
-    user_errors()      the one error handler: a UserError (or a missing file) prints one red
+    user_errors()      the one error handler: a UserError (or an OSError: a missing file, a full
+                       or read-only disk, an unreachable bucket) prints one red
                        line and exits 2; StepIncomplete or a ledger mismatch prints one line
                        and exits 1 (rerun to finish). Errors raised inside Ray tasks arrive
                        wrapped: the handler prints the task's own message.
@@ -34,20 +35,24 @@ def _message(exc: BaseException) -> str:
     return str(cause if isinstance(cause, BaseException) else exc)
 
 
+INTERRUPTED = "finished units are kept; rerun the same command to resume"
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """One line and exit 2 for problems the user fixes, one line and exit 1 for a step that
-    did not finish; anything else is a bug and keeps its traceback."""
+def user_errors(interrupted: str = INTERRUPTED) -> Iterator[None]:
+    """One line and exit 2 for problems the user fixes (a bad setting or input, and what the
+    machine refuses: a read-only or full disk, an unreachable bucket), one line and exit 1 for
+    a step that did not finish; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except (UserError, FileNotFoundError) as exc:
+    except (UserError, OSError) as exc:
         err.print(f"[red]error:[/red] {_message(exc)}", markup=True)
         raise typer.Exit(2) from None
     except (StepIncomplete, LedgerMismatchError) as exc:
         err.print(f"[red]incomplete:[/red] {_message(exc)}", markup=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:  # Ctrl-C: what is done is kept; say how to go on
-        err.print("[red]interrupted:[/red] finished units are kept; rerun the same command to resume", markup=True)
+        err.print(f"[red]interrupted:[/red] {interrupted}", markup=True)
         raise typer.Exit(130) from None
 
 

@@ -93,16 +93,24 @@ def merge(cls: type[T], *layers: Mapping[str, Any] | None, where: str | None = N
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if value is None:
-        return None
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if dataclasses.is_dataclass(hint) or origin in (list, tuple, dict):
+            raise ConfigError(f"{where}: expected {_kind(hint)}, got null")
+        if hint in (int, float, str, bool):  # not Optional: null (`--set key=`) is not a value
+            raise ConfigError(f"{where}: expected {hint.__name__}, got null")
+        return None
     if origin in (typing.Union, types.UnionType):
         # `X | None`: coerce to X (the only optional shape configs use).
         return _coerce(args[0], value, where) if len(args) == 1 else value
-    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {value!r}")
         return build(hint, value, where)
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r} (YAML: [a, b]; --set: a list literal)")
         inner = args[0] if args else Any
         items = [_coerce(inner, v, where) for v in value] if inner is not Ellipsis else list(value)
         return origin(items)
@@ -123,6 +131,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _kind(hint: Any) -> str:
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} keys"
+    return "a list" if typing.get_origin(hint) in (list, tuple) else "a mapping"
 
 
 def execution(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
