@@ -29,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -60,7 +60,9 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike, step: str, identity: Any,
-             inputs: Iterable[str | os.PathLike] = (), own_folder: bool = True) -> "RunDir":
+             inputs: Iterable[str | os.PathLike] = (), own_folder: bool = True,
+             holds_output: Callable[[AnyPath], bool] | None = None,
+             info: Mapping[str, Any] | None = None) -> "RunDir":
         """Create or reopen `path` for `step`, holding its lock for the rest of this process.
         `identity` is everything that determines the output (see `identity()`); a folder made
         with another identity is refused. Leftover temp files of a dead run are removed, only
@@ -68,7 +70,12 @@ class RunDir:
 
         A step deletes data files no marker of its own names (an abandoned attempt's), so with
         `own_folder` an existing folder that holds anything but is no step's output is refused,
-        as is a folder that is, or is inside, or holds one of the `inputs` folders."""
+        as is a folder that is, or is inside, or holds one of the `inputs` folders.
+
+        A folder that holds no output yet (`holds_output`; by default: no `_done` marker and no
+        `_stats.json`, for a step's own folder) takes new settings instead of refusing them: a
+        run that failed before its first unit leaves nothing to protect. `info` is recorded in
+        `_config.yaml` beside the identity, outside its hash (e.g. a training run's step target)."""
         path = storage.path(path)
         if own_folder:
             _check_own(path, step, inputs)
@@ -83,17 +90,17 @@ class RunDir:
         digest = config_hash({"step": step, "config": resolved})
         cfg_file = path / CONFIG
         old = _read_yaml(cfg_file) if cfg_file.exists() else None
-        if old is not None and old.get("hash") != digest and own_folder and _holds_no_output(path):
-            # e.g. a run that failed on a bad tokenizer before its first unit: nothing to keep
-            print(f"{path}: no unit of the earlier run (other settings) finished here; starting it afresh "
-                  "with these settings", file=sys.stderr)
+        holds = holds_output or (_holds_output if own_folder else (lambda _: True))
+        if old is not None and old.get("hash") != digest and not holds(path):
+            # e.g. a run that failed on a bad tokenizer or setting before its first unit: nothing to keep
+            print(f"{path}: the earlier run here (other settings) left no output; starting afresh with these "
+                  "settings", file=sys.stderr)
             old = None
-        if old is not None:
-            if old.get("hash") != digest:
-                raise ConfigMismatchError(_mismatch_message(path, step, old, resolved))
-        else:
-            atomic.write_text(cfg_file, yaml.safe_dump({"step": step, "hash": digest, "config": resolved},
-                                                       sort_keys=False))
+        if old is not None and old.get("hash") != digest:
+            raise ConfigMismatchError(_mismatch_message(path, step, old, resolved))
+        record = {"step": step, "hash": digest, "config": resolved, **({"info": dict(info)} if info else {})}
+        if old is None or old.get("info") != record.get("info"):
+            atomic.write_text(cfg_file, yaml.safe_dump(record, sort_keys=False))
         atomic.remove_temps(path)  # leftovers of a killed run are never valid data
         return cls(path, step, digest)
 
@@ -156,9 +163,9 @@ def _check_own(path: AnyPath, step: str, inputs: Iterable[str | os.PathLike]) ->
                         "write there: give a new or empty folder")
 
 
-def _holds_no_output(path: AnyPath) -> bool:
-    """No unit finished in this step folder: no `_done` marker, no completion record."""
-    return not (path / STATS).exists() and not any((path / DONE).glob("*.json"))
+def _holds_output(path: AnyPath) -> bool:
+    """A unit finished in this step folder: a `_done` marker or the completion record."""
+    return (path / STATS).exists() or any((path / DONE).glob("*.json"))
 
 
 def read_marker(path: AnyPath) -> dict[str, Any] | None:

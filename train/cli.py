@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,10 +42,13 @@ def run_cmd(
 
     flags: dict[str, Any] = {"data": {"path": data}, "steps": steps, "batch_size": batch_size,
                              "micro_batch_size": micro_batch_size}
-    with user_errors():
+    with user_errors("checkpoints are kept; rerun the same command to resume from the latest"):
         cfg = load_stage(stage, config, deep_merge(given(flags), parse_sets(sets)))
         summary = run(cfg, stage, run_dir or Path("runs") / stage)
     console.print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}")
+
+
+MAX_PICTURES = 1024  # pictures of one `train sample` call (one batch, one grid)
 
 
 @app.command("sample")
@@ -68,13 +73,21 @@ def sample_cmd(
             raise ConfigError(f"--decode must be vq or codes, got {decode!r}")
         if steps < 1 or n < 1:
             raise ConfigError(f"--steps and --n must be >= 1, got --steps {steps} --n {n}")
+        if n * len(prompt) > MAX_PICTURES:  # all are sampled as one batch and drawn in one grid
+            raise ConfigError(f"--n {n:,} x {len(prompt)} prompt(s) = {n * len(prompt):,} pictures; one grid holds "
+                              f"at most {MAX_PICTURES:,}: sample in several runs with other --seed values")
+        if cfg is not None and not (math.isfinite(cfg) and cfg >= 0):
+            raise ConfigError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {cfg}")
         if out.is_dir():  # checked before minutes of sampling, not at the final rename
             raise ConfigError(f"{out}: is a folder; --out names the PNG file to write, e.g. {out / 'grid.png'}")
+        above = next((p for p in out.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ConfigError(f"{out}: cannot be written: {above} is a file")
         if out.suffix.lower() not in ("", ".png"):
             raise ConfigError(f"{out}: the grid is written as PNG; name it *.png")
-        path = sample_to_file(checkpoint, prompt, out, steps=steps, cfg=cfg, seed=seed, n=n,
-                              negative_prompt=negative_prompt, vq_path=vq, decode=decode, ema=ema)
-    console.print(f"wrote {path}")
+        path, used = sample_to_file(checkpoint, prompt, out, steps=steps, cfg=cfg, seed=seed, n=n,
+                                    negative_prompt=negative_prompt, vq_path=vq, decode=decode, ema=ema)
+    console.print(f"wrote {path} (from {used['checkpoint']}, {used['weights']} weights, cfg {used['cfg']:g})")
 
 
 @app.command("plan")
@@ -90,8 +103,17 @@ def plan_cmd(
     from train.stages import load_stage, plan_stage
 
     with user_errors():
+        if gpus < 1:
+            raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+        gpu = gpu.lower()
         if measured is not None:
-            _plan_measured(measured, stage, gpus, config)
+            try:
+                _plan_measured(measured, stage, gpus, config)
+            except ConfigError:
+                raise
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not what bench/gpu_stages.py writes
+                raise ConfigError(f"{measured}: not a measurement file as bench/gpu_stages.py writes it "
+                                  f"({type(exc).__name__}: {exc})") from None
             return
         if stage is None:
             raise ConfigError("give a STAGE, or --measured FILE")

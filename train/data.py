@@ -37,7 +37,7 @@ class DataConfig:
     long_caption_prob: float = 0.0  # probability of training on `long_caption` when a row has one
                                     # (rows without one always train on `caption`)
     default_score: float = 6.0  # aesthetic micro-condition for rows whose score is null
-    verify_checksums: bool = False  # sha256 every shard against the manifest at start-up (slow)
+    verify_checksums: bool = execution(False)  # sha256 every shard against the manifest at start-up (slow)
     # local folder that holds staged copies of code folders on object stores (reused by later runs)
     cache: str = execution(DEFAULT_CACHE)
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -58,7 +60,7 @@ def accum_steps(global_batch: int, world: int, micro_batch: int) -> int:
     """Micro-batches per optimizer step so that world * micro * accum == global batch."""
     per_step = world * micro_batch
     if global_batch % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"global batch {global_batch} is not a multiple of {world} GPU(s) x micro-batch {micro_batch}; "
             f"choose a micro-batch that divides {global_batch // world if global_batch % world == 0 else global_batch}"
         )
@@ -70,7 +72,7 @@ def micro_batch(global_batch: int, world: int, micro: int | None) -> int:
     if micro is not None:
         return micro
     if global_batch % world:
-        raise ValueError(f"global batch {global_batch} does not split over {world} GPUs; set micro_batch_size")
+        raise ConfigError(f"global batch {global_batch} does not split over {world} GPUs; set micro_batch_size")
     return global_batch // world
 
 

@@ -24,8 +24,10 @@ class OptimConfig:
     fused: bool | None = None  # torch's fused AdamW kernel; None = on for CUDA, off on CPU
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"optim.eps must be a finite number > 0, got {self.eps}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

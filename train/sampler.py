@@ -197,10 +197,11 @@ DEFAULT_CFG = 9.0  # Meissonic's guidance scale: releases and runs that recorded
 
 def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps: int = 48, cfg: float | None = None,
                    seed: int = 0, n: int = 4, negative_prompt: str = "", vq_path: str | None = None,
-                   decode: str = "vq", ema: bool | None = None, device: str | None = None) -> Path:
+                   decode: str = "vq", ema: bool | None = None, device: str | None = None) -> tuple[Path, dict]:
     """`train sample`: n images per prompt from a checkpoint, decoded and saved as one grid PNG.
     cfg None: the guidance scale the run's stage samples with (`sample.cfg`, recorded in the
-    checkpoint: 3 for the tiny debug model, 9 for the Meissonic stages), else 9."""
+    checkpoint: 3 for the tiny debug model, 9 for the Meissonic stages), else 9.
+    Returns (the grid's path, what was used: checkpoint folder, weights, cfg)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, encoder, meta = load_for_sampling(ckpt, ema=ema, device=device)
     cfg = float(meta.get("sample_cfg", DEFAULT_CFG)) if cfg is None else cfg
@@ -217,4 +218,5 @@ def sample_to_file(ckpt: str | Path, prompts: list[str], out: str | Path, steps:
                          autocast=PRECISION_DTYPES[meta["precision"]], on_step=lambda: progress.advance(bar))
         images = decode_vq(vq, codes) if vq is not None else codes_to_colors(codes, model.cfg.codebook_size)
         progress.update(bar, completed=steps + (vq is not None))
-    return save_grid(images, out, nrow=n)
+    used = {"checkpoint": meta.get("checkpoint", str(ckpt)), "weights": meta.get("weights", "raw"), "cfg": cfg}
+    return save_grid(images, out, nrow=n), used

@@ -5,11 +5,12 @@ flags (`--data`, `--steps`, `--batch-size`, `--micro-batch-size`, `--set key=val
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import ConfigError, load_yaml, merge, section
+from core.config import ConfigError, execution, load_yaml, merge, section
 from train.data import DataConfig
 from train.ema import EMAConfig
 from train.optim import OptimConfig
@@ -39,8 +40,9 @@ class SampleConfig:
     vq: str | None = None  # VQ folder; None = the tokenizer path recorded in the data's manifest
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.steps < 1 or self.cfg < 0:
-            raise ValueError("sample.every >= 0, sample.steps >= 1 and sample.cfg >= 0 are required")
+        if self.every < 0 or self.steps < 1 or not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise ValueError(f"sample.every >= 0, sample.steps >= 1 and a finite sample.cfg >= 0 are required "
+                             f"(got {self.every}, {self.steps}, {self.cfg})")
         if self.decode not in DECODES:
             raise ValueError(f"sample.decode must be one of {DECODES}, got {self.decode!r}")
         if self.every and not self.prompts:
@@ -53,25 +55,25 @@ class StageConfig:
     resolution: int | None = None  # pixels the code shards must have been made at (None = any: debug)
     downsample: bool = False  # add the 2x2 compression layers (stage3, 1024 px)
     batch_size: int = 8  # GLOBAL batch (samples per optimizer step, all GPUs together)
-    micro_batch_size: int | None = None  # per-GPU batch per forward; None = batch_size / GPUs
-    steps: int = 100  # optimizer steps of this stage
+    micro_batch_size: int | None = execution(None)  # per-GPU batch per forward; None = batch_size / GPUs
+    steps: int = 100  # optimizer steps of this stage; a rerun with more extends a finished run (not identity)
     init_from: str | None = None  # previous stage's run folder or checkpoint (its final weights)
     init_ema: bool = False  # initialise from the previous stage's EMA weights instead
     cfg_dropout: float = 0.1  # per-sample probability of training on the empty prompt
     precision: str = "auto"  # auto | bf16 | fp32 (autocast dtype of forward/backward)
-    compile: bool = False  # torch.compile each transformer block, embedding and head (train.model.compile_blocks)
-    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces the same graphs without codegen (tests)
-    grad_ckpt: bool = False  # activation checkpointing per transformer block
+    compile: bool = execution(False)  # torch.compile each transformer block, embedding and head (train.model.compile_blocks)
+    compile_backend: str = execution("inductor")  # torch.compile backend; "aot_eager" traces the same graphs without codegen (tests)
+    grad_ckpt: bool = execution(False)  # activation checkpointing per transformer block
     fsdp: bool = False  # shard parameters/optimizer with FSDP2 instead of DDP (many GPUs)
     deterministic: bool = False  # bit-identical resume on CUDA too (trainer.set_determinism); slower
     convention: str = "auto"  # model inputs: tessera | meissonic (the release's) | auto = from the weights
                               # the run starts from (train/convention.py); recorded in every checkpoint
     seed: int = 0  # seeds model init, data order, masking and CFG-dropout noise
-    threads: int | None = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
+    threads: int | None = execution(None)  # CPU intra-op threads (torch.set_num_threads); None = torch's default
     log_every: int = 10  # steps between metrics records
     ckpt_every: int = 1000  # steps between checkpoints (the last step always checkpoints)
-    keep_last: int = 3  # checkpoints kept in the run folder (0 = all)
-    tensorboard: bool = True  # also write TensorBoard events under RUN/tb
+    keep_last: int = execution(3)  # checkpoints kept in the run folder (0 = all)
+    tensorboard: bool = execution(True)  # also write TensorBoard events under RUN/tb
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=lambda: TextConfig(tiny=True))
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -79,6 +81,10 @@ class StageConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
         for name in ("batch_size", "steps", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -9,6 +9,7 @@ Run folder (RUN = --run-dir, default runs/<stage>):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import yaml
 
 from core.codeshard import Manifest
 from core.config import ConfigError, settings, to_dict
+from core.errors import UserError
 from core.progress import make_progress
 from core.rundir import RunDir
 from core.trainlog import sample_path
@@ -104,6 +106,10 @@ def set_determinism(cfg: StageConfig) -> None:
 
     if hasattr(inductor_config, "deterministic"):  # older torch has no such switch (nor the autotuning it stops)
         inductor_config.deterministic = True  # recent torch also sets it through use_deterministic_algorithms
+
+
+class TrainingDiverged(UserError):
+    """The loss went non-finite: stopped before a NaN is logged or checkpointed."""
 
 
 class Trainer:
@@ -227,7 +233,15 @@ class Trainer:
         return masked_ce(logits, inp.codes, mask)
 
     def log(self, window: "_Window") -> None:
+        first = self.step - window.steps + 1
         record = window.flush(self.device)
+        if not math.isfinite(record["loss"]):  # same value on every rank: all stop together, nothing saved
+            last = checkpoint.latest(self.run_dir)
+            raise TrainingDiverged(
+                f"{self.run_dir}: the loss is {record['loss']} over steps {first}-{self.step}: the run diverged "
+                f"(optim.lr {self.cfg.optim.lr}, optim.grad_clip {self.cfg.optim.grad_clip}); "
+                + (f"its last checkpoint is {last.name}. " if last else "it has no checkpoint. ")
+                + "Train into a new --run-dir with a lower optim.lr (and grad_clip on)")
         record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, _peak_flops(self.device, self.dist.world))
         record.update(step=self.step, epoch=self.loader.epoch, long_caption_prob=self.cfg.data.long_caption_prob)
         self.metrics.log(record)
@@ -270,11 +284,19 @@ class Trainer:
         """Write (or check) RUN/_config.yaml on the main rank (a different config is refused);
         every rank returns the config hash. Only rank 0 touches the folder (RunDir.open also
         clears temp files, which must not race with rank 0's writes)."""
-        stage = {**to_dict(self.cfg), "data": settings(self.cfg.data)}  # where shards are cached is not identity
+        # Identity: what decides the weights step by step. Not in it: execution settings (threads,
+        # micro-batch, checkpoints kept, ...), `steps` (a rerun with more extends a finished run;
+        # the lr schedule then runs to the new end), and how the data folder is spelled or where
+        # it lies (the data is named by its manifest: tokenizer, rows, grid, each shard's sha256).
+        stage = {k: v for k, v in settings(self.cfg).items() if k != "steps"}
+        stage["data"] = {k: v for k, v in settings(self.cfg.data).items() if k != "path"}
         identity = {"stage": stage, "data": {"tokenizer_sha256": self.manifest.tokenizer.sha256,
-                                                       "rows": self.manifest.num_rows, "grid": list(self.grid)}}
-        if self.dist.is_main:
-            RunDir.open(self.run_dir, f"train.{self.stage}", identity, own_folder=False)  # deletes only its own temps
+                                             "rows": self.manifest.num_rows, "grid": list(self.grid),
+                                             "shards": shards_digest(self.manifest)}}
+        info = {"steps": self.cfg.steps, "data_path": str(self.cfg.data.path)}
+        if self.dist.is_main:  # deletes only its own temps; a folder without a checkpoint holds nothing yet
+            RunDir.open(self.run_dir, f"train.{self.stage}", identity, own_folder=False,
+                        holds_output=lambda p: bool(checkpoint.all_steps(p)), info=info)
             checkpoint.remove_partial(self.run_dir)
         distributed.barrier()
         return yaml.safe_load((self.run_dir / "_config.yaml").read_text())["hash"]
@@ -411,6 +433,14 @@ class _Window:
         record.update(throughput(self.samples, self.tokens, time.perf_counter() - self.start))
         self._reset()
         return record
+
+
+def shards_digest(manifest: Manifest) -> str:
+    """The data a run trains on, whatever its folder is called: its shards' names and sha256."""
+    import hashlib
+
+    blob = "\n".join(f"{s.name}\t{s.sha256}\t{s.rows}" for s in manifest.shards)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _flops_per_token(cfg: ModelConfig, grid: tuple[int, int], text_len: int) -> float:

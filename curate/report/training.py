@@ -27,7 +27,8 @@ def build(ctx: Context) -> Html:
 
 
 def _one(ctx: Context, f: Folder) -> Html:
-    stage = (f.config.get("config") or {}).get("stage") or {}
+    stage = dict((f.config.get("config") or {}).get("stage") or {})
+    stage.setdefault("steps", (f.config.get("info") or {}).get("steps", "?"))  # the run's step target, outside its identity
     parts = [tag("h3", join([f"{f.step} ", code(str(f.path))]))]
     bad: list[int] = []
     records = [r for r in read_records(f.path, bad) if isinstance(r.get("loss"), (int, float))]

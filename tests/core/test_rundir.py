@@ -165,7 +165,7 @@ def test_a_folder_where_no_unit_finished_takes_new_settings(tmp_path, capfd):
     # e.g. pretokenize stopped by a bad tokenizer before its first shard: the fixed rerun may go on
     RunDir.open(tmp_path / "out", "pretokenize", {"vq_sha256": "e3b0"})
     rd = RunDir.open(tmp_path / "out", "pretokenize", {"vq_sha256": "4db7"})
-    assert "no unit of the earlier run (other settings) finished here" in capfd.readouterr().err
+    assert "the earlier run here (other settings) left no output; starting afresh" in capfd.readouterr().err
     assert yaml.safe_load((tmp_path / "out" / "_config.yaml").read_text())["config"] == {"vq_sha256": "4db7"}
     rd.mark_done("00000")  # now it holds output: other settings are refused again
     with pytest.raises(ConfigMismatchError, match="vq_sha256"):

@@ -183,3 +183,78 @@ def test_sample_uses_ema_weights_when_the_run_kept_them(trained, tmp_path, code_
     assert runner.invoke(app, args + ["--no-ema"]).exit_code == 0
     result = runner.invoke(app, args + ["--ema"])
     assert result.exit_code == 2 and "no ema.safetensors" in result.output
+
+
+def test_a_finished_run_is_extended_and_harmless_changes_resume(tmp_path, code_folder):
+    import json
+    import yaml
+
+    run = tmp_path / "run"
+    assert _run(code_folder, run).exit_code == 0
+    link = tmp_path / "codes-link"
+    link.symlink_to(code_folder)
+    # more steps, the data folder spelled otherwise, execution settings changed: the same run, extended
+    result = _run(f"{code_folder}/", run, "--steps", "4", "--set", "keep_last=0",
+                  "--set", "threads=2", "--micro-batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert "steps 2->4" in " ".join(result.output.split())
+    result = _run(link, run, "--steps", "6")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert yaml.safe_load((run / "_config.yaml").read_text())["info"]["steps"] == 6
+    result = _run(code_folder, run, "--steps", "6", "--set", "optim.lr=0.002")  # what decides the weights: refused
+    assert result.exit_code == 2 and "optim.lr" in result.output
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_takes_the_fixed_settings(tmp_path, code_folder):
+    result = _run(code_folder, tmp_path / "r", "--batch-size", "6", "--micro-batch-size", "4")
+    assert result.exit_code == 2 and "not a multiple of 1 GPU(s) x micro-batch 4" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    result = _run(code_folder, tmp_path / "r", "--batch-size", "4")  # another identity: no checkpoint to protect
+    assert result.exit_code == 0, result.output
+
+
+def test_a_diverged_run_stops_before_logging_or_saving_nan(tmp_path, code_folder, monkeypatch):
+    import train.trainer as T
+
+    real = T.masked_ce
+    monkeypatch.setattr(T, "masked_ce", lambda *a: real(*a) * float("nan"))
+    result = _run(code_folder, tmp_path / "r", "--steps", "4")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "the loss is nan over steps 1-1: the run diverged" in out
+    assert "it has no checkpoint" in out and "lower optim.lr" in out
+    assert not (tmp_path / "r" / "checkpoints").exists() or not list((tmp_path / "r" / "checkpoints").iterdir())
+    assert "NaN" not in ((tmp_path / "r" / "metrics.jsonl").read_text() if (tmp_path / "r" / "metrics.jsonl").exists() else "")
+
+
+@pytest.mark.parametrize("setting,says", [
+    ("optim=3", "train.stages.debug.optim: expected a mapping of OptimConfig keys, got 3"),
+    ("text=null", "expected a mapping of TextConfig keys, got null"),
+    ("sample.prompts=abc", "sample.prompts: expected a list, got 'abc'"),
+    ("batch_size=", "batch_size: expected int, got null"),
+    ("seed=-1", "seed must lie in [0, 2**63)"),
+    ("optim.lr=.inf", "optim.lr must be a finite number > 0"),
+    ("optim.eps=0.0", "optim.eps must be a finite number > 0"),
+    ("sample.cfg=.nan", "a finite sample.cfg >= 0"),
+    ("keep_last=-2", "keep_last must be >= 0"),
+])
+def test_config_mistakes_are_one_line_before_any_work(tmp_path, code_folder, setting, says):
+    result = _run(code_folder, tmp_path / "r", "--set", setting)
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_sample_and_plan_mistakes_are_one_line(trained, tmp_path):
+    base = ["sample", "--checkpoint", str(trained), "--prompt", "a cat", "--steps", "2", "--decode", "codes"]
+    (tmp_path / "f").write_text("x")
+    for extra, says in ((["--cfg", "nan", "--out", str(tmp_path / "g.png")], "--cfg must be a finite number >= 0"),
+                        (["--n", "100000", "--out", str(tmp_path / "g.png")], "one grid holds at most 1,024"),
+                        (["--out", str(tmp_path / "f" / "g.png")], f"cannot be written: {tmp_path / 'f'} is a file")):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    (tmp_path / "m.json").write_text("{}")
+    for path, says in ((tmp_path / "m.json", "not a measurement file as bench/gpu_stages.py writes it (KeyError"),
+                       (tmp_path, "Is a directory")):
+        result = runner.invoke(app, ["plan", "--measured", str(path), "--config", str(REPO_PIPELINES)])
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
