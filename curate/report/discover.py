@@ -108,7 +108,9 @@ def discover(paths: list[str | os.PathLike]) -> Inventory:
 def _found_inputs(folders: list[Folder]) -> list[Folder]:
     """Each folder with `found_input` set to the folder among `folders` its recorded input is:
     the same path, else (a run moved or copied as a whole records where its input *was*) the
-    one whose path ends with the most of the recorded path's last names, if only one does."""
+    one placed beside it as the input was placed beside it when it ran: the part of its path
+    that it does not share with this folder's ends the recorded path (`web-out/download` for
+    `web-out/neardup`). The longest such match, if only one; else the recorded path."""
     paths = [f.path for f in folders]
     out = []
     for f in folders:
@@ -118,12 +120,23 @@ def _found_inputs(folders: list[Folder]) -> list[Folder]:
             if recorded in paths:
                 found = recorded
             else:
-                tails = [(_common_tail(p, recorded), p) for p in paths if p != f.path]
+                tails = [(_common_tail(p, recorded), p) for p in paths
+                         if p != f.path and _common_tail(p, recorded) >= len(p.parts) - _common_head(p, f.path)]
                 best = max((k for k, _ in tails), default=0)
                 matches = [p for k, p in tails if k == best]
                 found = matches[0] if best and len(matches) == 1 else None
         out.append(dataclasses.replace(f, found_input=found))
     return out
+
+
+def _common_head(a: Path, b: Path) -> int:
+    """How many leading path names `a` and `b` share."""
+    n = 0
+    for x, y in zip(a.parts, b.parts):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _common_tail(a: Path, b: Path) -> int:

@@ -274,3 +274,11 @@ def test_an_output_that_is_a_folder_or_under_a_file_is_one_line(chain, tmp_path)
                       (tmp_path / "f" / "r.html", f"cannot be written: {tmp_path / 'f'} is a file")):
         res = CliRunner().invoke(app, ["report", str(chain["train"]), "-o", str(out)])
         assert res.exit_code == 2 and says in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_a_step_input_is_not_matched_to_an_unrelated_folder_of_the_same_name(chain, tmp_path) -> None:
+    # the neardup folder alone, beside another run's download: its input is where it was recorded
+    other = tmp_path / "other" / "run" / "download"
+    shutil.copytree(chain["download"], other)
+    inv = discover([chain["neardup"], other])
+    assert inv.of("neardup")[0].input_path == chain["download"]
