@@ -67,6 +67,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file at or above local `path` that stops a folder or file being written there (a
+    command checks this before minutes of work, not at its final rename); None when none does."""
+    path = Path(path).absolute()
+    above = next((p for p in (path, *path.parents) if p.exists()), None)
+    return above if above is not None and above != path and not above.is_dir() else None
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

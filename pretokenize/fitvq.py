@@ -244,9 +244,9 @@ def build_fit_model(cfg: FitVQConfig):
 def fit_vq(cfg: FitVQConfig, input: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
     """Fit, evaluate on held-out images, save to `output` (a new folder); returns the fit report."""
     output = Path(output)
-    above = next((p for p in (output, *output.parents) if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{output}: cannot be the VQ folder: {above} is a file")
+    blocker = output if output.is_file() else atomic.file_in_the_way(output)
+    if blocker is not None:
+        raise UserError(f"{output}: cannot be the VQ folder: {blocker} is a file")
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output}: exists and is not empty; remove it or choose another --output")
     if cfg.threads:

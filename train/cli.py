@@ -65,6 +65,7 @@ def sample_cmd(
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Sample with the checkpoint's EMA weights, or its raw weights (default: the EMA weights when the run kept them)."),
 ) -> None:
     """Generate images for prompts from a trained checkpoint and save them as one grid."""
+    from core import atomic
     from train.sampler import sample_to_file
 
     with user_errors():
@@ -79,9 +80,9 @@ def sample_cmd(
             raise ConfigError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {cfg}")
         if out.is_dir():  # checked before minutes of sampling, not at the final rename
             raise ConfigError(f"{out}: is a folder; --out names the PNG file to write, e.g. {out / 'grid.png'}")
-        above = next((p for p in out.absolute().parents if p.exists()), None)
-        if above is not None and not above.is_dir():
-            raise ConfigError(f"{out}: cannot be written: {above} is a file")
+        blocker = atomic.file_in_the_way(out)
+        if blocker is not None:
+            raise ConfigError(f"{out}: cannot be written: {blocker} is a file")
         if out.suffix.lower() not in ("", ".png"):
             raise ConfigError(f"{out}: the grid is written as PNG; name it *.png")
         path, used = sample_to_file(checkpoint, prompt, out, steps=steps, cfg=cfg, seed=seed, n=n,

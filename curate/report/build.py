@@ -72,6 +72,6 @@ def _check_output(out: Path) -> None:
     """Refuse, before any work, an output that is a folder or lies under a file."""
     if out.is_dir():
         raise UserError(f"{out}: is a folder; -o names the HTML file to write, e.g. {out / 'report.html'}")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{out}: cannot be written: {above} is a file")
+    blocker = atomic.file_in_the_way(out)
+    if blocker is not None:
+        raise UserError(f"{out}: cannot be written: {blocker} is a file")
